@@ -1,0 +1,159 @@
+"""The DDIM transition as a Gaussian policy, with per-element log-probabilities.
+
+Implements ALGORITHMS.md section 1 (DDPO, arXiv 2305.13301, built on DDIM,
+arXiv 2010.02502 eq. 12 and 16). Symbols:
+
+=================  ==========================================================
+code               paper
+=================  ==========================================================
+``abar_t``         alpha-bar_t = alphas_cumprod[t]
+``abar_prev``      alpha-bar at prev_t = t - 1000/T (final_alpha_cumprod if < 0)
+``x0_hat``         predicted clean sample (epsilon, v or sample prediction)
+``std``            sigma_t = eta * sqrt((1-abar_prev)/(1-abar_t) * (1-abar_t/abar_prev))
+``mean``           mu = sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev - sigma_t^2) eps
+``log_prob``       log N(x_{t-1}; mu, sigma_t^2 I), one value PER ELEMENT
+=================  ==========================================================
+
+The mean reproduces :meth:`diffusers.DDIMScheduler.step` exactly (tests pin it);
+unlike it, this function also returns the element-wise log-density of the
+action, and accepts a different timestep for each sample of the batch
+(training permutes timesteps per sample).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import PxpoInputError
+
+_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+
+
+@dataclass
+class StepOutput:
+    """Result of one stochastic DDIM step.
+
+    Attributes:
+        prev_sample: x_{t-1}, (B, C, h, w); the sampled action, or the given one.
+        log_prob: per-element log N(x_{t-1}; mean, std^2), (B, C, h, w).
+        mean: mu, (B, C, h, w).
+        std: sigma_t broadcastable to (B, C, h, w), i.e. (B, 1, 1, 1).
+    """
+
+    prev_sample: torch.Tensor
+    log_prob: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor
+
+
+def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """Element-wise log N(x; mean, std^2): -(x-mean)^2/(2 std^2) - log std - log(2 pi)/2."""
+    return -((x - mean) ** 2) / (2 * std**2) - torch.log(std) - _HALF_LOG_2PI
+
+
+def _abar(scheduler, t: torch.Tensor) -> torch.Tensor:
+    """alphas_cumprod at integer timesteps t (any shape); final_alpha_cumprod where t < 0."""
+    ac = scheduler.alphas_cumprod.to(t.device)
+    final = torch.as_tensor(float(scheduler.final_alpha_cumprod), dtype=ac.dtype, device=t.device)
+    return torch.where(t >= 0, ac[t.clamp(min=0)], final)
+
+
+def batch_randn(shape: tuple[int, ...], generator=None) -> torch.Tensor:
+    """Standard normal noise of ``shape`` (B, ...) on CPU.
+
+    ``generator`` may be one torch.Generator or a list of B generators (one per
+    sample, so each sample is reproducible from its own seed alone).
+    """
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}")
+        return torch.stack([torch.randn(shape[1:], generator=g) for g in generator])
+    return torch.randn(shape, generator=generator)
+
+
+def check_eta(eta: float, what: str = "sample.eta") -> None:
+    """eta = 0 makes sigma_t = 0 and the log-prob undefined: refuse it for RL."""
+    if not eta > 0:
+        raise PxpoInputError(
+            what,
+            f"eta={eta} makes the DDIM step deterministic (sigma_t = 0), so its log-probability is undefined",
+            "set eta > 0 for sampling that is trained on (1.0 is the usual choice)",
+        )
+
+
+def ddim_step_with_logprob(
+    scheduler,
+    model_output: torch.Tensor,
+    timestep: torch.Tensor | int,
+    sample: torch.Tensor,
+    num_inference_steps: int,
+    eta: float = 1.0,
+    prev_sample: torch.Tensor | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
+) -> StepOutput:
+    """One DDIM step x_t -> x_{t-1} with its per-element log-probability.
+
+    Args:
+        scheduler: a diffusers DDIMScheduler (its ``alphas_cumprod``,
+            ``final_alpha_cumprod`` and config: prediction_type, clip_sample,
+            num_train_timesteps).
+        model_output: guided UNet output, (B, C, h, w).
+        timestep: t, an int or a (B,) integer tensor (one per sample).
+        sample: x_t, (B, C, h, w).
+        num_inference_steps: T; prev_t = t - num_train_timesteps // T.
+        eta: DDIM stochasticity, > 0.
+        prev_sample: the stored action x_{t-1} to score (training). If None,
+            x_{t-1} = mean + std * z with z drawn from ``generator`` (on CPU, so
+            a seed gives the same noise on every device).
+        generator: torch.Generator, or a list of B (one per sample), for z.
+
+    Returns:
+        :class:`StepOutput`; ``prev_sample`` enters ``log_prob`` detached, so
+        gradients flow only through ``mean`` (i.e. through the UNet).
+    """
+    check_eta(eta)
+    b = sample.shape[0]
+    t = torch.as_tensor(timestep, device=sample.device).long()
+    if t.ndim == 0:
+        t = t.expand(b)
+    cfg = scheduler.config
+    prev_t = t - cfg.num_train_timesteps // num_inference_steps
+    shape = (b,) + (1,) * (sample.ndim - 1)
+    abar_t = _abar(scheduler, t).view(shape).to(torch.float32)
+    abar_prev = _abar(scheduler, prev_t).view(shape).to(torch.float32)
+    x = sample.float()
+    out = model_output.float()
+
+    if cfg.prediction_type == "epsilon":
+        x0 = (x - (1 - abar_t).sqrt() * out) / abar_t.sqrt()
+        eps = out
+    elif cfg.prediction_type == "sample":
+        x0 = out
+        eps = (x - abar_t.sqrt() * x0) / (1 - abar_t).sqrt()
+    elif cfg.prediction_type == "v_prediction":
+        x0 = abar_t.sqrt() * x - (1 - abar_t).sqrt() * out
+        eps = abar_t.sqrt() * out + (1 - abar_t).sqrt() * x
+    else:
+        raise PxpoInputError(
+            "scheduler.prediction_type",
+            f"unsupported prediction type {cfg.prediction_type!r}",
+            "use a model trained with epsilon, v_prediction or sample prediction",
+        )
+    if getattr(cfg, "clip_sample", False):
+        r = cfg.clip_sample_range
+        x0 = x0.clamp(-r, r)
+        eps = (x - abar_t.sqrt() * x0) / (1 - abar_t).sqrt()
+
+    variance = (1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)
+    std = eta * variance.clamp(min=0).sqrt()
+    mean = abar_prev.sqrt() * x0 + (1 - abar_prev - std**2).clamp(min=0).sqrt() * eps
+
+    if prev_sample is None:
+        z = batch_randn(tuple(mean.shape), generator).to(mean.device)
+        prev_sample = mean + std * z
+    prev_sample = prev_sample.detach().float()
+    log_prob = gaussian_log_prob(prev_sample, mean, std)
+    return StepOutput(prev_sample=prev_sample.to(sample.dtype), log_prob=log_prob, mean=mean, std=std)
