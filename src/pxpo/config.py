@@ -135,6 +135,14 @@ class Config:
         for name, allowed in choices.items():
             if getattr(t, name) not in allowed:
                 bad(f"train.{name}", f"unknown value {getattr(t, name)!r}", f"use one of {', '.join(allowed)}")
+        from .core.rewards import REGISTRY
+
+        if self.reward.name not in REGISTRY:
+            bad(
+                "reward.name",
+                f"unknown labeller {self.reward.name!r}",
+                f"use one of {', '.join(sorted(REGISTRY))} (`pxpo labellers` lists them)",
+            )
         if self.model.dtype not in ("auto", "float32", "float16", "bfloat16"):
             bad("model.dtype", f"unknown dtype {self.model.dtype!r}", "use auto, float32, float16 or bfloat16")
         for name in ("epochs", "inner_epochs", "buffer_size", "min_count", "save_every", "keep_checkpoints"):

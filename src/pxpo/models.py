@@ -54,15 +54,19 @@ def load_pipeline(path: str, *, revision=None, variant=None, dtype=torch.float32
         if not (p / "model_index.json").is_file():
             raise PxpoInputError(f"model.path={path}", "no model_index.json: not a diffusers pipeline directory", fix)
         path = str(p)
+    import warnings
+
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(
-            path,
-            revision=revision,
-            variant=variant,
-            torch_dtype=dtype,
-            safety_checker=None,
-            requires_safety_checker=False,
-        )
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+            pipe = StableDiffusionPipeline.from_pretrained(
+                path,
+                revision=revision,
+                variant=variant,
+                torch_dtype=dtype,  # `dtype` in diffusers >= 0.36; torch_dtype works in both
+                safety_checker=None,
+                requires_safety_checker=False,
+            )
     except Exception as e:  # diffusers raises OSError/ValueError/EnvironmentError/safetensors errors
         raise PxpoInputError(
             f"model.path={path}", f"could not be loaded as a diffusers pipeline ({type(e).__name__}: {e})".strip(), fix

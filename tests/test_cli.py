@@ -1,0 +1,126 @@
+"""The CLI end to end on the tiny random model, and bad input -> exit 2 with no artifact."""
+
+import json
+
+import pytest
+import torch
+
+from pxpo.cli import main
+from pxpo.core import rewards
+
+FAST = ["sample.batch_size=4", "sample.num_steps=3", "train.batch_size=2", "train.epochs=2", "train.save_every=1"]
+
+
+def _run(argv, capsys):
+    code = main(argv)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_sample_label_train_chain(tmp_path, tiny_model_dir, capsys):
+    m = f"model.path={tiny_model_dir}"
+    t = tmp_path / "traj"
+    code, out, err = _run(["sample", "--quiet", "--out", str(t), m, *FAST], capsys)
+    assert code == 0, err
+    assert (t / "trajectories.safetensors").is_file() and len(list((t / "images").glob("*.png"))) == 4
+    code, out, err = _run(["label", "--quiet", "--trajectories", str(t), m, *FAST], capsys)
+    assert code == 0, err
+    assert (t / "reward_maps.safetensors").is_file()
+    code, out, err = _run(["train", "--quiet", "--trajectories", str(t), "--out", str(tmp_path / "r0"), m, *FAST], capsys)
+    assert code == 0, err
+    assert (tmp_path / "r0" / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    metrics = json.loads((tmp_path / "r0" / "train_metrics.json").read_text())
+    assert metrics["optimizer_steps"] == 2
+    # second round continues from the first (optimizer + stat tracker state)
+    t1 = tmp_path / "traj1"
+    assert _run(["sample", "--quiet", "--out", str(t1), "--lora", str(tmp_path / "r0" / "lora"), "--epoch", "1", m, *FAST], capsys)[0] == 0
+    assert _run(["label", "--quiet", "--trajectories", str(t1), m, *FAST], capsys)[0] == 0
+    code, out, err = _run(["train", "--quiet", "--trajectories", str(t1), "--out", str(tmp_path / "r1"), "--state", str(tmp_path / "r0"), m, *FAST], capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "r1" / "pxpo_round.json").read_text())["completed_rounds"] == 2
+
+
+def test_train_refuses_mismatched_sampling_settings(tmp_path, tiny_model_dir, capsys):
+    m = f"model.path={tiny_model_dir}"
+    t = tmp_path / "traj"
+    assert _run(["sample", "--quiet", "--out", str(t), m, *FAST], capsys)[0] == 0
+    assert _run(["label", "--quiet", "--trajectories", str(t), m, *FAST], capsys)[0] == 0
+    code, _, err = _run(["train", "--quiet", "--trajectories", str(t), "--out", str(tmp_path / "o"), m, *FAST, "sample.guidance_scale=7.0"], capsys)
+    assert code == 2 and "sample.guidance_scale" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_labellers_lists_registry(capsys):
+    code, out, _ = _run(["labellers"], capsys)
+    assert code == 0 and "brightness_target" in out and "jpeg_block" in out
+
+
+@pytest.fixture
+def bad_labellers():
+    @rewards.register("_test_nan")
+    def _nan():
+        def fn(images, prompts):
+            m = torch.zeros(images.shape[0], *images.shape[-2:])
+            m[0, 0, 0] = float("nan")
+            return m, {}
+
+        return fn
+
+    @rewards.register("_test_shape")
+    def _shape():
+        return lambda images, prompts: (torch.zeros(images.shape[0], 3, 3), {})
+
+    yield
+    rewards.REGISTRY.pop("_test_nan")
+    rewards.REGISTRY.pop("_test_shape")
+
+
+def test_bad_reward_maps_stop_labelling_without_writing(tmp_path, tiny_model_dir, capsys, bad_labellers):
+    m = f"model.path={tiny_model_dir}"
+    t = tmp_path / "traj"
+    assert _run(["sample", "--quiet", "--out", str(t), m, *FAST], capsys)[0] == 0
+    for name, msg in [("_test_nan", "NaN"), ("_test_shape", "shape")]:
+        code, _, err = _run(["label", "--quiet", "--trajectories", str(t), m, *FAST, f"reward.name={name}", "reward.kwargs={}"], capsys)
+        assert code == 2 and msg in err and "labeller" in err
+        assert not (t / "reward_maps.safetensors").exists()
+        assert not list(t.glob(".reward_maps*"))
+
+
+@pytest.mark.parametrize(
+    "setup,args,expect",
+    [
+        (None, ["model.path=/nonexistent/model"], "model.path=/nonexistent/model: directory not found"),
+        ("empty_dir", [], "model_index.json"),
+        ("corrupt_model", [], "could not be loaded"),
+        ("empty_prompts", [], "contains no prompts"),
+        ("bad_jsonl", [], "prompts.jsonl:2"),
+        (None, ["sample.eta=0"], "sample.eta"),
+        (None, ["train.batch_size=3"], "train.batch_size"),
+        (None, ["reward.name=nope"], "nope"),
+    ],
+)
+def test_bad_input_exits_2_with_named_input(tmp_path, tiny_model_dir, capsys, setup, args, expect):
+    m = [f"model.path={tiny_model_dir}"]
+    if setup == "empty_dir":
+        (tmp_path / "m").mkdir()
+        m = [f"model.path={tmp_path / 'm'}"]
+    elif setup == "corrupt_model":
+        import shutil
+
+        shutil.copytree(tiny_model_dir, tmp_path / "m")
+        (tmp_path / "m" / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"not weights")
+        m = [f"model.path={tmp_path / 'm'}"]
+    elif setup == "empty_prompts":
+        (tmp_path / "prompts.txt").write_text("\n# only a comment\n")
+        m.append(f"prompts.source={tmp_path / 'prompts.txt'}")
+    elif setup == "bad_jsonl":
+        (tmp_path / "prompts.jsonl").write_text('{"prompt": "ok"}\n{"text": "no prompt field"}\n')
+        m.append(f"prompts.source={tmp_path / 'prompts.jsonl'}")
+    out_dir = tmp_path / "run"
+    code, _, err = _run(["run", "--quiet", *FAST, *m, f"output_dir={out_dir}", *args], capsys)
+    assert code == 2, err
+    assert expect in err and "Fix:" in err
+    assert not out_dir.exists() or not any(out_dir.iterdir())
+    code, _, err = _run(["sample", "--quiet", "--out", str(tmp_path / "t"), *FAST, *m, *args], capsys)
+    assert code == 2 and expect in err
+    assert not (tmp_path / "t").exists()

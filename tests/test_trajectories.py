@@ -1,0 +1,82 @@
+"""The trajectory artifact: round trip, validation, atomic writes."""
+
+import json
+
+import pytest
+import torch
+
+from pxpo.errors import PxpoInputError
+from pxpo.storage import atomic_dir
+from pxpo.trajectories import (
+    Trajectories,
+    load_reward_maps,
+    load_trajectories,
+    make_meta,
+    quantize_images,
+    save_reward_maps,
+    save_trajectories,
+)
+
+
+def _traj(n=3, t=4):
+    g = torch.Generator().manual_seed(0)
+    return Trajectories(
+        latents=torch.randn(n, t + 1, 4, 8, 8, generator=g),
+        log_probs=torch.randn(n, t, 4, 8, 8, generator=g),
+        timesteps=torch.arange(t * 250, 0, -250),
+        prompt_embeds=torch.randn(n, 16, 32, generator=g),
+        negative_prompt_embeds=torch.randn(1, 16, 32, generator=g),
+        prompts=[f"p{i}" for i in range(n)],
+        seeds=list(range(n)),
+        images=quantize_images(torch.rand(n, 3, 16, 16, generator=g)),
+        meta=make_meta(model_path="m", revision=None, scheduler_config={"a": 1}, num_steps=t, eta=1.0, guidance_scale=3.0, negative_prompt=""),
+    )
+
+
+def test_roundtrip(tmp_path):
+    tr = _traj()
+    save_trajectories(tr, tmp_path / "t")
+    back = load_trajectories(tmp_path / "t")
+    for k in ("latents", "log_probs", "timesteps", "prompt_embeds", "negative_prompt_embeds"):
+        assert torch.equal(getattr(back, k), getattr(tr, k))
+    torch.testing.assert_close(back.images, tr.images, atol=1e-6, rtol=0)  # PNG is lossless at 8 bits
+    assert back.prompts == tr.prompts and back.seeds == tr.seeds
+    meta = json.loads((tmp_path / "t" / "meta.json").read_text())
+    assert meta["format"] == "pxpo-trajectories" and meta["num_samples"] == 3 and meta["pxpo_version"]
+    lines = (tmp_path / "t" / "samples.jsonl").read_text().splitlines()
+    assert json.loads(lines[1]) == {"index": 1, "prompt": "p1", "seed": 1, "image": "images/000001.png"}
+
+
+def test_reward_maps_roundtrip_and_checks(tmp_path):
+    save_trajectories(_traj(), tmp_path / "t")
+    maps = torch.rand(3, 16, 16)
+    save_reward_maps(tmp_path / "t", maps, {"labeller": "x"})
+    back, info = load_reward_maps(tmp_path / "t", 3, (16, 16))
+    assert torch.equal(back, maps) and info["labeller"] == "x"
+    with pytest.raises(PxpoInputError, match=r"expected \(4, 16, 16\)"):
+        load_reward_maps(tmp_path / "t", 4, (16, 16))
+    bad = maps.clone()
+    bad[1, 0, 0] = float("nan")
+    save_reward_maps(tmp_path / "t", bad, {})
+    with pytest.raises(PxpoInputError, match="NaN"):
+        load_reward_maps(tmp_path / "t", 3, (16, 16))
+
+
+def test_corrupt_artifact_is_named(tmp_path):
+    save_trajectories(_traj(), tmp_path / "t")
+    (tmp_path / "t" / "trajectories.safetensors").write_bytes(b"garbage")
+    with pytest.raises(PxpoInputError, match="trajectories.safetensors"):
+        load_trajectories(tmp_path / "t")
+    with pytest.raises(PxpoInputError, match="missing"):
+        load_trajectories(tmp_path / "nothing")
+
+
+def test_failed_write_leaves_previous_artifact_intact(tmp_path):
+    save_trajectories(_traj(), tmp_path / "t")
+    before = sorted(p.name for p in (tmp_path / "t").iterdir())
+    with pytest.raises(RuntimeError):
+        with atomic_dir(tmp_path / "t") as tmp:
+            (tmp / "half").write_text("x")
+            raise RuntimeError("crash mid-write")
+    assert sorted(p.name for p in (tmp_path / "t").iterdir()) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["t"]  # no temp dirs left behind
