@@ -8,6 +8,12 @@ import torch
 from pxpo.cli import main
 from pxpo.core import rewards
 
+@pytest.fixture(autouse=True)
+def _no_project_params(tmp_path, monkeypatch):
+    """Run outside the repo so ./params.yaml (the embedded default's settings) is not picked up."""
+    monkeypatch.chdir(tmp_path)
+
+
 FAST = ["sample.batch_size=4", "sample.num_steps=3", "train.batch_size=2", "train.epochs=2", "train.save_every=1"]
 
 
@@ -26,18 +32,39 @@ def test_sample_label_train_chain(tmp_path, tiny_model_dir, capsys):
     code, out, err = _run(["label", "--quiet", "--trajectories", str(t), m, *FAST], capsys)
     assert code == 0, err
     assert (t / "reward_maps.safetensors").is_file()
-    code, out, err = _run(["train", "--quiet", "--trajectories", str(t), "--out", str(tmp_path / "r0"), m, *FAST], capsys)
+    code, out, err = _run(["train", "--quiet", "--trajectories", str(t), "--out", str(tmp_path / "r0"), "--rounds", "1", m, *FAST], capsys)
     assert code == 0, err
     assert (tmp_path / "r0" / "lora" / "pytorch_lora_weights.safetensors").is_file()
-    metrics = json.loads((tmp_path / "r0" / "train_metrics.json").read_text())
-    assert metrics["optimizer_steps"] == 2
-    # second round continues from the first (optimizer + stat tracker state)
+    metrics = [json.loads(x) for x in (tmp_path / "r0" / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 1 and metrics[0]["optimizer_steps"] == 2
+    assert json.loads((tmp_path / "r0" / "pxpo_round.json").read_text())["completed_rounds"] == 1
+    # second round samples from the first round's policy and continues its optimizer + stat tracker
     t1 = tmp_path / "traj1"
-    assert _run(["sample", "--quiet", "--out", str(t1), "--lora", str(tmp_path / "r0" / "lora"), "--epoch", "1", m, *FAST], capsys)[0] == 0
+    assert _run(["sample", "--quiet", "--out", str(t1), "--policy", str(tmp_path / "r0"), m, *FAST], capsys)[0] == 0
+    assert json.loads((t1 / "meta.json").read_text())["epoch"] == 1
     assert _run(["label", "--quiet", "--trajectories", str(t1), m, *FAST], capsys)[0] == 0
-    code, out, err = _run(["train", "--quiet", "--trajectories", str(t1), "--out", str(tmp_path / "r1"), "--state", str(tmp_path / "r0"), m, *FAST], capsys)
+    code, out, err = _run(
+        ["train", "--quiet", "--trajectories", str(t1), "--out", str(tmp_path / "r1"), "--state", str(tmp_path / "r0"), "--rounds", "2", m, *FAST], capsys
+    )
     assert code == 0, err
-    assert json.loads((tmp_path / "r1" / "pxpo_round.json").read_text())["completed_rounds"] == 2
+    assert json.loads((tmp_path / "r1" / "pxpo_round.json").read_text())["completed_rounds"] == 3
+    assert [json.loads(x)["epoch"] for x in (tmp_path / "r1" / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_stage_chain_equals_online_run(tmp_path, tiny_model_dir, capsys):
+    """sample(epoch 0) -> label -> train --rounds 2 reaches the same weights as `pxpo run` for 2 epochs."""
+    from safetensors.torch import load_file
+
+    m = f"model.path={tiny_model_dir}"
+    t = tmp_path / "traj"
+    assert _run(["sample", "--quiet", "--out", str(t), m, *FAST], capsys)[0] == 0
+    assert _run(["label", "--quiet", "--trajectories", str(t), m, *FAST], capsys)[0] == 0
+    assert _run(["train", "--quiet", "--trajectories", str(t), "--out", str(tmp_path / "staged"), "--rounds", "2", m, *FAST], capsys)[0] == 0
+    assert _run(["run", "--quiet", m, *FAST, f"output_dir={tmp_path / 'online'}"], capsys)[0] == 0
+    a = load_file(str(tmp_path / "staged" / "lora" / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(tmp_path / "online" / "lora" / "pytorch_lora_weights.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)  # PNG-quantised images give the same maps
 
 
 def test_train_refuses_mismatched_sampling_settings(tmp_path, tiny_model_dir, capsys):
@@ -47,6 +74,9 @@ def test_train_refuses_mismatched_sampling_settings(tmp_path, tiny_model_dir, ca
     assert _run(["label", "--quiet", "--trajectories", str(t), m, *FAST], capsys)[0] == 0
     code, _, err = _run(["train", "--quiet", "--trajectories", str(t), "--out", str(tmp_path / "o"), m, *FAST, "sample.guidance_scale=7.0"], capsys)
     assert code == 2 and "sample.guidance_scale" in err
+    assert not (tmp_path / "o").exists()
+    code, _, err = _run(["train", "--quiet", "--trajectories", str(t), "--out", str(tmp_path / "o"), "--state", str(tmp_path), m, *FAST], capsys)
+    assert code == 2 and "pxpo_round.json" in err
     assert not (tmp_path / "o").exists()
 
 

@@ -2,9 +2,12 @@
 
     pxpo base build [--out models/base]        build + pretrain the embedded default
     pxpo run    [--params params.yaml] [k=v ...]   online loop: sample -> label -> train, N epochs
-    pxpo sample --out DIR [--lora DIR] [--epoch K] [k=v ...]   write a trajectory artifact
+    pxpo prepare --out DIR [--input FILE]      prompt dataset: dedupe, split, validate (GE)
+    pxpo sample --out DIR [--policy DIR] [--epoch K] [k=v ...]   write a trajectory artifact
     pxpo label  --trajectories DIR [k=v ...]   write reward_maps.safetensors beside it
-    pxpo train  --trajectories DIR --out DIR [--state DIR] [k=v ...]   one training pass
+    pxpo train  --trajectories DIR --out DIR [--state DIR] [--rounds R]   train (first epoch on DIR)
+    pxpo evaluate --policy DIR --out DIR       held-out prompts, policy vs base
+    pxpo register --policy DIR --eval DIR      MLflow model version, gated champion alias
     pxpo labellers                             list reward labellers
 
 Overrides are ``section.field=value`` (YAML values), applied over params.yaml.
@@ -69,8 +72,8 @@ def cmd_run(args) -> int:
 def cmd_sample(args) -> int:
     import torch
 
-    from .models import load_pipeline, resolve_dtype
-    from .prompts import draw_prompts, load_prompts
+    from .models import load_pipeline, load_policy_into, resolve_dtype
+    from .prompts import draw_prompts, load_weighted_prompts
     from .train import sample_seed, sample_trajectories
     from .trajectories import save_trajectories
 
@@ -83,13 +86,23 @@ def cmd_sample(args) -> int:
         dtype=resolve_dtype(cfg.model.dtype, device),
         device=device,
     )
-    if args.lora:
-        pipe.load_lora_weights(args.lora)
+    load_policy_into(pipe, args.policy)
     n = cfg.sample.batch_size * cfg.sample.num_batches
-    prompts = draw_prompts(load_prompts(cfg.prompts.source), n, seed=sample_seed(cfg.seed, args.epoch, 0, 0))
-    seeds = [sample_seed(cfg.seed, args.epoch, 0, i) for i in range(n)]
+    epoch = args.epoch
+    if epoch is None:  # continue the round numbering of the policy's training
+        rj = Path(args.policy or "") / "pxpo_round.json"
+        epoch = json.loads(rj.read_text())["completed_rounds"] if args.policy and rj.is_file() else 0
+    all_prompts, weights = load_weighted_prompts(cfg.prompts.source)
+    prompts = draw_prompts(all_prompts, n, sample_seed(cfg.seed, epoch, 0, 0), weights)
+    seeds = [sample_seed(cfg.seed, epoch, 0, i) for i in range(n)]
     traj = sample_trajectories(pipe, cfg, prompts, seeds, progress=not args.quiet)
-    traj.meta["lora"] = args.lora
+    traj.meta["policy"] = args.policy
+    traj.meta["epoch"] = epoch
+    if args.validate:
+        from .validation import check, validate_trajectories
+
+        report = validate_trajectories(traj.latents, traj.log_probs, traj.timesteps, num_samples=n)
+        check(report, _report_path(args, Path(args.out)))
     save_trajectories(traj, Path(args.out))
     print(f"wrote {n} trajectories to {args.out}")
     return 0
@@ -105,16 +118,21 @@ def cmd_label(args) -> int:
     traj = load_trajectories(d)
     labeller = make_labeller(cfg.reward.name, **cfg.reward.kwargs)
     maps, info = label_images(labeller, traj.images, traj.prompts, where=f"reward labeller {cfg.reward.name!r} on {d}")
+    if args.validate:
+        from .validation import check, validate_reward_maps
+
+        h, w = maps.shape[1:]
+        report = validate_reward_maps(maps, num_samples=len(traj), height=h, width=w)
+        check(report, _report_path(args, d / "reward_maps"))
     save_reward_maps(d, maps, {"labeller": cfg.reward.name, "kwargs": cfg.reward.kwargs, **info})
     print(f"labelled {len(traj)} samples with {cfg.reward.name}: mean reward {maps.mean().item():.4f}")
     return 0
 
 
 def cmd_train(args) -> int:
-    from .core.advantages import PerPromptStatTracker
-    from .models import load_lora_into
-    from .storage import atomic_dir, write_json
-    from .train import build_train_state, compute_advantages, save_policy, train_on_trajectories
+    from .storage import atomic_dir
+    from .tracking import JsonlTracker
+    from .train import run
     from .trajectories import load_reward_maps, load_trajectories
 
     cfg = _config(args)
@@ -129,28 +147,97 @@ def cmd_train(args) -> int:
                 f"config says {getattr(cfg.sample, key)} but {d} was sampled with {traj.meta[key]}",
                 f"train with the sampling settings: pass sample.{key}={traj.meta[key]}",
             )
-    pipe, state = build_train_state(cfg)
-    stat_tracker = PerPromptStatTracker(cfg.train.buffer_size, cfg.train.min_count, cfg.train.baseline)
-    state.accelerator.register_for_checkpointing(stat_tracker)
-    round_idx = 0
-    if args.state:
-        sd = Path(args.state)
-        if not (sd / "pxpo_round.json").is_file():
-            raise PxpoInputError(str(sd), "not a trainer state directory (no pxpo_round.json)", "pass the --out of a previous `pxpo train`")
-        state.accelerator.load_state(str(sd / "state"))
-        round_idx = json.loads((sd / "pxpo_round.json").read_text())["completed_rounds"]
-    unet_cfg = state.accelerator.unwrap_model(state.unet).config
-    size = unet_cfg.sample_size
-    latent_hw = (size, size) if isinstance(size, int) else tuple(size)
-    adv = compute_advantages(stat_tracker, traj.prompts, maps, latent_hw, cfg.train.algorithm)
-    logs = train_on_trajectories(state, traj, adv, cfg, round_idx, progress=not args.quiet)
-    logs["reward_mean"] = maps.mean().item()
+    if traj.meta.get("negative_prompt", "") != cfg.prompts.negative_prompt:
+        raise PxpoInputError("prompts.negative_prompt", f"differs from the one {d} was sampled with", "use the sampling-time negative prompt")
+    if args.state and not (Path(args.state) / "pxpo_round.json").is_file():
+        raise PxpoInputError(str(args.state), "not a trainer state directory (no pxpo_round.json)", "pass the --out of a previous `pxpo train`")
+    rounds = args.rounds if args.rounds is not None else cfg.train.epochs
     with atomic_dir(Path(args.out)) as tmp:
-        save_policy(state, cfg, tmp / ("lora" if cfg.train.use_lora else "model"))
-        state.accelerator.save_state(str(tmp / "state"))
-        (tmp / "pxpo_round.json").write_text(json.dumps({"completed_rounds": round_idx + 1}))
-        write_json(tmp / "train_metrics.json", logs)
-    print(f"trained round {round_idx} on {len(traj)} samples: " + ", ".join(f"{k} {v:.4g}" for k, v in logs.items()))
+        cfg.output_dir = str(tmp)
+        summary = run(
+            cfg,
+            JsonlTracker(tmp),
+            progress=not args.quiet,
+            resume=False,
+            first_batch=(traj, maps),
+            init_state=Path(args.state) if args.state else None,
+            rounds=rounds,
+        )
+    hist = [json.loads(x) for x in (Path(args.out) / "metrics.jsonl").read_text().splitlines() if x]
+    print(
+        f"trained {rounds} round(s) to epoch {summary['completed_epochs']}: reward "
+        + " -> ".join(f"{h['reward_mean']:.4f}" for h in hist)
+    )
+    return 0
+
+
+def _report_path(args, default_base: Path) -> Path:
+    """Where a validation report goes: --report, else beside the artifact (kept on failure)."""
+    if getattr(args, "report", None):
+        return Path(args.report)
+    return default_base.parent / f"{default_base.name}.validation.json"
+
+
+def cmd_prepare(args) -> int:
+    from .prepare import assign_splits, deduplicate, read_prompt_table, write_dataset
+    from .validation import check, validate_prompts
+
+    cfg = _config(args)
+    src = Path(args.input or cfg.prepare.input)
+    df = read_prompt_table(src)
+    df, removed = deduplicate(df.dropna(subset=["prompt"]) if args.drop_empty else df)
+    df = assign_splits(df, cfg.prepare)
+    p = cfg.prepare
+    report = validate_prompts(
+        df, min_length=p.min_length, max_length=p.max_length, min_heldout=p.min_heldout, max_heldout_fraction=p.max_heldout_fraction
+    )
+    check(report, _report_path(args, Path(args.out)))
+    info = write_dataset(df, Path(args.out), source=src, removed=removed)
+    print(
+        f"prepared {args.out}: {info['counts']['train']} train / {info['counts']['heldout']} held-out prompts, "
+        f"{info['duplicates_removed']} duplicates removed, version {info['version'][:12]}"
+    )
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .evaluate import evaluate, summarize
+    from .validation import check, validate_reward_maps
+
+    cfg = _config(args)
+    if args.prompts:
+        cfg.prompts.source = args.prompts
+    metrics = evaluate(
+        cfg, args.policy, Path(args.out), samples_per_prompt=cfg.evaluate.samples_per_prompt, seed=cfg.evaluate.seed, progress=not args.quiet
+    )
+    from safetensors.torch import load_file
+
+    maps = load_file(str(Path(args.out) / "reward_maps.safetensors"))["maps"]
+    report = validate_reward_maps(maps, num_samples=metrics["num_samples"], height=maps.shape[1], width=maps.shape[2])
+    report.save(Path(args.out) / "validation.json")
+    check(report, Path(args.out) / "validation.json")
+    print(summarize(metrics))
+    return 0
+
+
+def cmd_register(args) -> int:
+    from .tracking_mlflow import default_tracking_uri
+    from .promote import gate_and_register
+
+    cfg = _config(args)
+    decision = gate_and_register(
+        cfg,
+        policy_dir=Path(args.policy),
+        eval_dir=Path(args.eval),
+        tracking_uri=args.tracking_uri or default_tracking_uri(Path(args.mlflow_root)),
+        validation_reports=[Path(p) for p in args.validation],
+        out=Path(args.out) if args.out else None,
+    )
+    print(
+        f"registered {cfg.register.model_name} v{decision['version']} as challenger; "
+        + ("PROMOTED to champion" if decision["promoted"] else "not promoted")
+        + f" ({decision['reason']})"
+    )
     return 0
 
 
@@ -192,13 +279,17 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sample", help="sample trajectories with per-element log-probs")
     with_config(s)
     s.add_argument("--out", required=True, help="trajectory directory to write")
-    s.add_argument("--lora", default=None, help="LoRA directory to load (a previous train output's lora/)")
-    s.add_argument("--epoch", type=int, default=0, help="round index (changes the prompts and noise seeds)")
+    s.add_argument("--policy", default=None, help="a `pxpo train`/`pxpo run` output (or LoRA dir) to sample from; default: the base model")
+    s.add_argument("--epoch", type=int, default=None, help="round index for prompts and noise seeds (default: the policy's completed rounds, else 0)")
+    s.add_argument("--validate", action="store_true", help="run the Great Expectations trajectory suite before writing")
+    s.add_argument("--report", default=None, help="validation report path (default: <out>.validation.json)")
     s.set_defaults(fn=cmd_sample)
 
     lab = sub.add_parser("label", help="write reward maps beside a trajectory directory")
     with_config(lab)
     lab.add_argument("--trajectories", required=True)
+    lab.add_argument("--validate", action="store_true", help="run the Great Expectations reward-map suite before writing")
+    lab.add_argument("--report", default=None, help="validation report path (default: <trajectories>/reward_maps.validation.json)")
     lab.set_defaults(fn=cmd_label)
 
     t = sub.add_parser("train", help="one training pass on labelled trajectories")
@@ -206,7 +297,33 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--trajectories", required=True)
     t.add_argument("--out", required=True, help="output: lora/ (or model/), state/, train_metrics.json")
     t.add_argument("--state", default=None, help="a previous `pxpo train --out` to continue from")
+    t.add_argument("--rounds", type=int, default=None, help="epochs to run: the first on --trajectories, the rest sampled online (default: train.epochs)")
     t.set_defaults(fn=cmd_train)
+
+    pr = sub.add_parser("prepare", help="prompt dataset: dedupe, split, validate, write a versioned dataset")
+    with_config(pr)
+    pr.add_argument("--input", default=None, help="raw prompts (.csv/.jsonl/.txt; default: prepare.input)")
+    pr.add_argument("--out", required=True, help="dataset directory to write")
+    pr.add_argument("--report", default=None, help="validation report path (default: <out>.validation.json)")
+    pr.add_argument("--drop-empty", action="store_true", help="drop rows with an empty prompt instead of failing validation")
+    pr.set_defaults(fn=cmd_prepare)
+
+    ev = sub.add_parser("evaluate", help="held-out prompts: policy vs base, reward maps, drift, grids")
+    with_config(ev)
+    ev.add_argument("--policy", default=None, help="`pxpo train`/`pxpo run` output to evaluate (default: base only)")
+    ev.add_argument("--prompts", default=None, help="prepared dataset dir (held-out split) or prompt file; default: prompts.source")
+    ev.add_argument("--out", required=True)
+    ev.set_defaults(fn=cmd_evaluate)
+
+    rg = sub.add_parser("register", help="log the policy to MLflow as challenger; promote to champion if it passes the gate")
+    with_config(rg)
+    rg.add_argument("--policy", required=True)
+    rg.add_argument("--eval", required=True, help="`pxpo evaluate` output directory")
+    rg.add_argument("--validation", nargs="*", default=[], help="validation report JSONs that must all have passed")
+    rg.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI, else sqlite under --mlflow-root")
+    rg.add_argument("--mlflow-root", default="mlflow", help="local store directory for the default sqlite registry")
+    rg.add_argument("--out", default=None, help="write the decision JSON here")
+    rg.set_defaults(fn=cmd_register)
 
     ls = sub.add_parser("labellers", help="list reward labellers")
     ls.set_defaults(fn=cmd_labellers)

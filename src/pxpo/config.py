@@ -80,6 +80,38 @@ class TrainConfig:
 
 
 @dataclass
+class PrepareConfig:
+    input: str = "data/prompts.csv"  # raw prompts: .csv (prompt[,weight][,split]), .jsonl or .txt
+    heldout_fraction: float = 0.2  # share of prompts WITHOUT an explicit split sent to held-out (stable hash)
+    min_heldout: int = 1  # validation: at least this many held-out prompts
+    max_heldout_fraction: float = 0.5  # validation: at most this share held out
+    min_length: int = 1  # validation: prompt length bounds (characters)
+    max_length: int = 300
+
+
+@dataclass
+class EvaluateConfig:
+    samples_per_prompt: int = 8  # samples per held-out prompt (same seeds for base and policy)
+    seed: int = 12345
+
+
+@dataclass
+class RegisterConfig:
+    model_name: str = "pxpo-digits"  # MLflow registered model name
+    experiment: str = "pxpo"  # MLflow experiment
+    primary_metric: str = "reward_mean"  # evaluation metric that gates promotion
+    higher_is_better: bool = True
+    margin: float = 0.0  # challenger must beat the champion by more than this
+    min_gain: float = 0.0  # and beat its own base model by more than this (reward_gain)
+
+
+@dataclass
+class PipelineConfig:
+    rounds: int = 3  # KFP: unrolled rounds of sample -> label -> train (compile-time)
+    epochs_per_round: int = 1  # epochs each train component runs (first from the stage's samples)
+
+
+@dataclass
 class Config:
     seed: int = 0
     output_dir: str = "runs/default"
@@ -88,6 +120,10 @@ class Config:
     sample: SampleConfig = field(default_factory=SampleConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    register: RegisterConfig = field(default_factory=RegisterConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
     def validate(self, source: str = "config") -> Config:
         """Check cross-field constraints; raise :class:`PxpoInputError` naming the field."""
@@ -158,6 +194,13 @@ class Config:
             bad("train.learning_rate/clip_range/max_grad_norm", "must be > 0", "set positive values")
         if self.train.use_lora and t.lora_rank < 1:
             bad("train.lora_rank", f"must be >= 1, got {t.lora_rank}", "set a positive rank or train.use_lora=false")
+        pr = self.prepare
+        if not 0 <= pr.heldout_fraction < 1:
+            bad("prepare.heldout_fraction", f"must be in [0, 1), got {pr.heldout_fraction}", "use e.g. 0.2")
+        if self.evaluate.samples_per_prompt < 1:
+            bad("evaluate.samples_per_prompt", "must be >= 1", "set a positive integer")
+        if self.pipeline.rounds < 1 or self.pipeline.epochs_per_round < 1:
+            bad("pipeline.rounds/epochs_per_round", "must be >= 1", "set positive integers")
         return self
 
     def to_dict(self) -> dict:

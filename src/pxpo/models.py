@@ -124,3 +124,31 @@ def load_lora_into(unet, lora_dir: Path) -> None:
     result = set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(state), adapter_name="default")
     if getattr(result, "unexpected_keys", None):
         raise PxpoInputError(str(lora_dir), f"LoRA keys do not match the UNet ({result.unexpected_keys[:3]})", "use a LoRA trained on this model")
+
+
+def load_policy_into(pipe, policy_dir: str | Path | None) -> None:
+    """Apply a trained policy (a ``pxpo train`` / ``pxpo run`` output) to a loaded pipeline.
+
+    Accepts the output directory (with ``lora/`` or ``model/unet/``), a LoRA
+    directory (``pytorch_lora_weights.safetensors``) or a UNet directory.
+    ``None`` leaves the base model.
+    """
+    if policy_dir is None:
+        return
+    d = Path(policy_dir)
+    if (d / "lora" / "pytorch_lora_weights.safetensors").is_file():
+        pipe.load_lora_weights(str(d / "lora"))
+    elif (d / "pytorch_lora_weights.safetensors").is_file():
+        pipe.load_lora_weights(str(d))
+    elif (d / "model" / "unet" / "config.json").is_file() or (d / "config.json").is_file():
+        from diffusers import UNet2DConditionModel
+
+        unet_dir = d / "model" / "unet" if (d / "model" / "unet").is_dir() else d
+        unet = UNet2DConditionModel.from_pretrained(str(unet_dir), torch_dtype=pipe.unet.dtype)
+        pipe.unet = unet.to(pipe.unet.device).eval().requires_grad_(False)
+    else:
+        raise PxpoInputError(
+            str(d),
+            "no policy found (expected lora/pytorch_lora_weights.safetensors or model/unet/)",
+            "pass the output directory of `pxpo train` or `pxpo run`",
+        )

@@ -32,7 +32,6 @@ import json
 import math
 import shutil
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,7 +42,7 @@ from .core.advantages import PerPromptStatTracker, to_latent_grid
 from .core.losses import ddpo_loss, pxpo_loss
 from .core.rewards import make_labeller
 from .core.sampling import decode_latents, encode_prompts, sample_ddim, step_log_prob
-from .prompts import draw_prompts, load_prompts
+from .prompts import draw_prompts, load_weighted_prompts
 from .tracking import NullTracker, Tracker
 from .trajectories import Trajectories, check_reward_maps, make_meta, quantize_images
 
@@ -304,13 +303,31 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return cks[-1] if cks else None
 
 
-def run(cfg: Config, tracker: Tracker | None = None, *, progress: bool = True, resume: bool = True, stop_after_epochs: int | None = None) -> dict:
+def run(
+    cfg: Config,
+    tracker: Tracker | None = None,
+    *,
+    progress: bool = True,
+    resume: bool = True,
+    stop_after_epochs: int | None = None,
+    first_batch: tuple[Trajectories, torch.Tensor] | None = None,
+    init_state: Path | None = None,
+    rounds: int | None = None,
+) -> dict:
     """The online loop: ``cfg.train.epochs`` epochs of sample -> label -> train.
 
     Writes into ``cfg.output_dir``: metrics.jsonl (via the tracker, if it is a
-    JsonlTracker), checkpoints/, lora/ (or unet/), summary.json,
-    reward_curve.png. With ``resume`` it continues from the newest checkpoint.
-    ``stop_after_epochs`` ends the process early (tests simulate a kill with it).
+    JsonlTracker), checkpoints/, lora/ (or model/), summary.json,
+    reward_curve.png, samples_last_epoch.png. With ``resume`` it continues
+    from the newest checkpoint. ``stop_after_epochs`` ends the process early
+    (tests simulate a kill with it).
+
+    Stage form (``pxpo train``): ``first_batch`` = (trajectories, reward maps)
+    sampled and labelled by the sample/label stages replaces the first epoch's
+    sampling and labelling; ``init_state`` is a previous stage output to
+    continue from (its ``state/`` and ``pxpo_round.json``); ``rounds`` epochs
+    are run, and the final state is exported to ``<output_dir>/state`` so the
+    next round can continue.
 
     Returns:
         the summary dict (also written to summary.json).
@@ -320,7 +337,7 @@ def run(cfg: Config, tracker: Tracker | None = None, *, progress: bool = True, r
     tracker = tracker or NullTracker()
     run_dir = Path(cfg.output_dir)
     labeller = make_labeller(cfg.reward.name, **cfg.reward.kwargs)
-    all_prompts = load_prompts(cfg.prompts.source)
+    all_prompts, prompt_weights = load_weighted_prompts(cfg.prompts.source)
     pipe, state = build_train_state(cfg)
     acc = state.accelerator
     stat_tracker = PerPromptStatTracker(cfg.train.buffer_size, cfg.train.min_count, cfg.train.baseline)
@@ -328,7 +345,10 @@ def run(cfg: Config, tracker: Tracker | None = None, *, progress: bool = True, r
 
     start_epoch = 0
     ck = latest_checkpoint(run_dir) if resume else None
-    if ck is not None:
+    if init_state is not None:
+        acc.load_state(str(Path(init_state) / "state"))
+        start_epoch = json.loads((Path(init_state) / "pxpo_round.json").read_text())["completed_rounds"]
+    elif ck is not None:
         acc.load_state(str(ck))
         start_epoch = json.loads((ck / "pxpo_epoch.json").read_text())["completed_epochs"]
         acc.print(f"resumed from {ck} at epoch {start_epoch}")
@@ -344,21 +364,27 @@ def run(cfg: Config, tracker: Tracker | None = None, *, progress: bool = True, r
     size = unet_cfg.sample_size
     latent_hw = (size, size) if isinstance(size, int) else tuple(size)
     per_proc = cfg.sample.batch_size * cfg.sample.num_batches
-    end_epoch = cfg.train.epochs if stop_after_epochs is None else min(cfg.train.epochs, start_epoch + stop_after_epochs)
+    total_epochs = cfg.train.epochs if rounds is None else start_epoch + rounds
+    end_epoch = total_epochs if stop_after_epochs is None else min(total_epochs, start_epoch + stop_after_epochs)
     for epoch in range(start_epoch, end_epoch):
-        # ---------------- SAMPLING ----------------
-        t0 = time.perf_counter()
-        prompts = draw_prompts(all_prompts, per_proc, seed=sample_seed(cfg.seed, epoch, acc.process_index, 0))
-        seeds = [sample_seed(cfg.seed, epoch, acc.process_index, i) for i in range(per_proc)]
-        pipe.unet = acc.unwrap_model(state.unet)
-        with acc.autocast() if acc.mixed_precision != "no" else nullcontext():
-            traj = sample_trajectories(pipe, cfg, prompts, seeds, progress=False)
-        t_sample = time.perf_counter() - t0
+        if first_batch is not None and epoch == start_epoch:
+            # Stage form: this epoch's samples and maps come from the sample / label stages.
+            traj, maps = first_batch
+            t_sample = t_label = 0.0
+        else:
+            # ---------------- SAMPLING ----------------
+            t0 = time.perf_counter()
+            prompts = draw_prompts(all_prompts, per_proc, sample_seed(cfg.seed, epoch, acc.process_index, 0), prompt_weights)
+            seeds = [sample_seed(cfg.seed, epoch, acc.process_index, i) for i in range(per_proc)]
+            pipe.unet = acc.unwrap_model(state.unet)
+            with acc.autocast():
+                traj = sample_trajectories(pipe, cfg, prompts, seeds, progress=False)
+            t_sample = time.perf_counter() - t0
 
-        # ---------------- LABELLING ----------------
-        t0 = time.perf_counter()
-        maps, info = label_images(labeller, traj.images, traj.prompts, where=f"reward labeller {cfg.reward.name!r}")
-        t_label = time.perf_counter() - t0
+            # ---------------- LABELLING ----------------
+            t0 = time.perf_counter()
+            maps, _ = label_images(labeller, traj.images, traj.prompts, where=f"reward labeller {cfg.reward.name!r}")
+            t_label = time.perf_counter() - t0
 
         # ---------------- ADVANTAGES ----------------
         all_maps = acc.gather(maps.to(acc.device)).cpu()
@@ -390,11 +416,19 @@ def run(cfg: Config, tracker: Tracker | None = None, *, progress: bool = True, r
                     f"sample {t_sample:.1f}s  train {t_train:.1f}s",
                     flush=True,
                 )
-        if (epoch + 1) % cfg.train.save_every == 0 or epoch + 1 == cfg.train.epochs:
+        if rounds is None and ((epoch + 1) % cfg.train.save_every == 0 or epoch + 1 == cfg.train.epochs):
             _checkpoint(state, run_dir, epoch, cfg.train.keep_checkpoints)
 
     summary = {"completed_epochs": end_epoch, "output_dir": str(run_dir)}
-    if acc.is_main_process and end_epoch == cfg.train.epochs:
+    if acc.is_main_process and end_epoch > start_epoch and traj.images.numel():
+        from .base_model import save_grid
+
+        save_grid(traj.images[:32], run_dir / "samples_last_epoch.png", nrow=8)
+    if rounds is not None:
+        acc.save_state(str(run_dir / "state"))
+        if acc.is_main_process:
+            (run_dir / "pxpo_round.json").write_text(json.dumps({"completed_rounds": end_epoch}))
+    if acc.is_main_process and end_epoch == total_epochs:
         save_policy(state, cfg, run_dir / ("lora" if cfg.train.use_lora else "model"))
         history = tracker.history() if hasattr(tracker, "history") else []
         if history:
