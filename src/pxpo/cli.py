@@ -111,20 +111,31 @@ def cmd_sample(args) -> int:
 def cmd_label(args) -> int:
     from .core.rewards import make_labeller
     from .train import label_images
-    from .trajectories import load_trajectories, save_reward_maps
+    from .trajectories import MAPS, load_trajectories, save_reward_maps
 
     cfg = _config(args)
     d = Path(args.trajectories)
     traj = load_trajectories(d)
     labeller = make_labeller(cfg.reward.name, **cfg.reward.kwargs)
     maps, info = label_images(labeller, traj.images, traj.prompts, where=f"reward labeller {cfg.reward.name!r} on {d}")
+    target = Path(args.out) if args.out else d
     if args.validate:
         from .validation import check, validate_reward_maps
 
         h, w = maps.shape[1:]
         report = validate_reward_maps(maps, num_samples=len(traj), height=h, width=w)
-        check(report, _report_path(args, d / "reward_maps"))
-    save_reward_maps(d, maps, {"labeller": cfg.reward.name, "kwargs": cfg.reward.kwargs, **info})
+        check(report, _report_path(args, target / "reward_maps"))
+    info = {"labeller": cfg.reward.name, "kwargs": cfg.reward.kwargs, **info}
+    if args.out:  # a labelled copy, written whole or not at all (pipelines treat inputs as read-only)
+        import shutil
+
+        from .storage import atomic_dir
+
+        with atomic_dir(target) as tmp:
+            shutil.copytree(d, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(MAPS, "*.validation.json"))
+            save_reward_maps(tmp, maps, info)
+    else:
+        save_reward_maps(d, maps, info)
     print(f"labelled {len(traj)} samples with {cfg.reward.name}: mean reward {maps.mean().item():.4f}")
     return 0
 
@@ -164,11 +175,26 @@ def cmd_train(args) -> int:
             rounds=rounds,
         )
     hist = [json.loads(x) for x in (Path(args.out) / "metrics.jsonl").read_text().splitlines() if x]
+    if args.history:
+        _write_history_csv(hist, Path(args.history))
     print(
         f"trained {rounds} round(s) to epoch {summary['completed_epochs']}: reward "
         + " -> ".join(f"{h['reward_mean']:.4f}" for h in hist)
     )
     return 0
+
+
+def _write_history_csv(hist: list[dict], path: Path) -> None:
+    """Per-epoch metrics as CSV (DVC plots)."""
+    import csv
+
+    from .storage import atomic_file
+
+    keys = ["epoch", "samples_seen", "reward_mean", "reward_std", "approx_kl", "clipfrac", "loss", "grad_norm"]
+    with atomic_file(path) as f:
+        w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(hist)
 
 
 def _report_path(args, default_base: Path) -> Path:
@@ -216,6 +242,10 @@ def cmd_evaluate(args) -> int:
     report = validate_reward_maps(maps, num_samples=metrics["num_samples"], height=maps.shape[1], width=maps.shape[2])
     report.save(Path(args.out) / "validation.json")
     check(report, Path(args.out) / "validation.json")
+    if args.metrics:
+        from .storage import write_json
+
+        write_json(Path(args.metrics), {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
     print(summarize(metrics))
     return 0
 
@@ -238,6 +268,58 @@ def cmd_register(args) -> int:
         + ("PROMOTED to champion" if decision["promoted"] else "not promoted")
         + f" ({decision['reason']})"
     )
+    return 0
+
+
+def _params_text(args) -> str:
+    import yaml
+
+    from .config import dump_config
+
+    cfg = _config(args)
+    # The full resolved config (overrides applied) is compiled into the run's arguments.
+    return cfg, dump_config(cfg) if args.overrides or not Path(args.params or "params.yaml").exists() else Path(args.params or "params.yaml").read_text()
+
+
+def cmd_pipeline(args) -> int:
+    from . import pipeline_cli as pc
+
+    cfg, params_text = _params_text(args)
+    opts = {"rounds": args.rounds} if getattr(args, "rounds", None) else {}
+    if args.pipeline_command == "compile":
+        out = pc.compile_pipeline(cfg, Path(args.out), opts)
+        print(f"compiled {out} ({cfg.pipeline.rounds if not opts else opts['rounds']} rounds)")
+        return 0
+    prompts_uri = args.prompts_uri or str(Path(cfg.prepare.input).resolve())
+    if args.pipeline_command == "run":
+        if not args.local:
+            raise PxpoInputError("pxpo pipeline run", "only --local is supported", "use `pxpo pipeline submit --host URL` for a cluster")
+        model_ref = args.model_ref or (str(Path(cfg.model.path).resolve()) if Path(cfg.model.path).is_dir() else "embedded")
+        workdir = Path(args.workdir).resolve()
+        uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(workdir / 'mlflow' / 'mlflow.db').resolve()}"
+        (workdir / "mlflow").mkdir(parents=True, exist_ok=True)
+        if opts:
+            cfg.pipeline.rounds = opts["rounds"]
+        result = pc.run_local(cfg, params_text, prompts_uri=prompts_uri, model_ref=model_ref, workdir=workdir, mlflow_tracking_uri=uri)
+        print(json.dumps(result, indent=2, default=str))
+        print(
+            f"pipeline finished in {result['wall_seconds']:.0f}s: {cfg.register.model_name} v{result.get('version')} "
+            + ("is champion" if result.get("promoted") else "registered as challenger (not promoted)")
+            + f"; MLflow: {uri}"
+        )
+        return 0
+    run_id = pc.submit(
+        cfg,
+        params_text,
+        host=args.host,
+        package=Path(args.package),
+        prompts_uri=prompts_uri,
+        model_ref=args.model_ref or cfg.model.path,
+        mlflow_tracking_uri=args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", ""),
+        experiment=args.experiment,
+        run_name=args.run_name,
+    )
+    print(f"submitted run {run_id} to {args.host}")
     return 0
 
 
@@ -288,6 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     lab = sub.add_parser("label", help="write reward maps beside a trajectory directory")
     with_config(lab)
     lab.add_argument("--trajectories", required=True)
+    lab.add_argument("--out", default=None, help="write a labelled copy here instead of labelling in place")
     lab.add_argument("--validate", action="store_true", help="run the Great Expectations reward-map suite before writing")
     lab.add_argument("--report", default=None, help="validation report path (default: <trajectories>/reward_maps.validation.json)")
     lab.set_defaults(fn=cmd_label)
@@ -298,6 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="output: lora/ (or model/), state/, train_metrics.json")
     t.add_argument("--state", default=None, help="a previous `pxpo train --out` to continue from")
     t.add_argument("--rounds", type=int, default=None, help="epochs to run: the first on --trajectories, the rest sampled online (default: train.epochs)")
+    t.add_argument("--history", default=None, help="also write per-epoch metrics as CSV here (DVC plots)")
     t.set_defaults(fn=cmd_train)
 
     pr = sub.add_parser("prepare", help="prompt dataset: dedupe, split, validate, write a versioned dataset")
@@ -313,6 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--policy", default=None, help="`pxpo train`/`pxpo run` output to evaluate (default: base only)")
     ev.add_argument("--prompts", default=None, help="prepared dataset dir (held-out split) or prompt file; default: prompts.source")
     ev.add_argument("--out", required=True)
+    ev.add_argument("--metrics", default=None, help="also write the numeric metrics as flat JSON here (DVC metrics)")
     ev.set_defaults(fn=cmd_evaluate)
 
     rg = sub.add_parser("register", help="log the policy to MLflow as challenger; promote to champion if it passes the gate")
@@ -324,6 +409,32 @@ def build_parser() -> argparse.ArgumentParser:
     rg.add_argument("--mlflow-root", default="mlflow", help="local store directory for the default sqlite registry")
     rg.add_argument("--out", default=None, help="write the decision JSON here")
     rg.set_defaults(fn=cmd_register)
+
+    pl = sub.add_parser("pipeline", help="Kubeflow pipeline: compile, run locally with kfp.local, submit")
+    psub = pl.add_subparsers(dest="pipeline_command", required=True)
+    pcomp = psub.add_parser("compile", help="write the pipeline IR YAML")
+    with_config(pcomp)
+    pcomp.add_argument("--out", default="pipelines/pxpo_pipeline.yaml")
+    pcomp.add_argument("--rounds", type=int, default=None, help="unrolled rounds (default: pipeline.rounds)")
+    prun = psub.add_parser("run", help="run the whole DAG on this machine (kfp.local)")
+    with_config(prun)
+    prun.add_argument("--local", action="store_true", required=True)
+    prun.add_argument("--rounds", type=int, default=None)
+    prun.add_argument("--workdir", default="runs/kfp-local")
+    prun.add_argument("--prompts-uri", default=None, help="raw prompt file (default: prepare.input)")
+    prun.add_argument("--model-ref", default=None, help="'embedded', a model dir or hub id (default: model.path if built, else embedded)")
+    prun.add_argument("--tracking-uri", default=None)
+    psubm = psub.add_parser("submit", help="submit to a KFP endpoint (kfp.Client)")
+    with_config(psubm)
+    psubm.add_argument("--host", required=True, help="KFP API endpoint, e.g. https://kfp.example.com/pipeline")
+    psubm.add_argument("--package", default="pipelines/pxpo_pipeline.yaml", help="compiled spec (compiled if missing)")
+    psubm.add_argument("--prompts-uri", default=None, help="raw prompt file as the cluster sees it (PVC path)")
+    psubm.add_argument("--model-ref", default=None, help="hub id or mounted path of the model to fine-tune")
+    psubm.add_argument("--tracking-uri", default=None, help="remote MLflow (default: $MLFLOW_TRACKING_URI)")
+    psubm.add_argument("--experiment", default="pxpo")
+    psubm.add_argument("--run-name", default=None)
+    for sp in (pcomp, prun, psubm):
+        sp.set_defaults(fn=cmd_pipeline)
 
     ls = sub.add_parser("labellers", help="list reward labellers")
     ls.set_defaults(fn=cmd_labellers)

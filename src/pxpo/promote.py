@@ -1,0 +1,108 @@
+"""The register stage: one MLflow run, a model version as ``challenger``, a gated ``champion``.
+
+Gate (all must hold to promote):
+
+* every validation report given passed (Great Expectations suites of the
+  prompt dataset and the reward maps);
+* the policy beats its own base model on held-out prompts by more than
+  ``register.min_gain`` (``reward_gain`` of the evaluation);
+* it beats the current champion's ``register.primary_metric`` by more than
+  ``register.margin`` (or there is no champion yet).
+
+Idempotent: the model version is keyed by a hash of the policy weights and
+the evaluation, so re-running the stage reuses the version and repeats the
+same decision.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from .errors import PxpoInputError
+
+
+def _hash_dir(d: Path, h) -> None:
+    for f in sorted(p for p in d.rglob("*") if p.is_file()):
+        if f.name.endswith((".safetensors", ".json", ".bin")) and "state" not in f.relative_to(d).parts:
+            h.update(str(f.relative_to(d)).encode())
+            h.update(f.read_bytes())
+
+
+def source_hash(policy_dir: Path, eval_dir: Path) -> str:
+    """sha256 over the policy's weights/configs and the evaluation metrics."""
+    h = hashlib.sha256()
+    _hash_dir(policy_dir / "lora", h) if (policy_dir / "lora").is_dir() else _hash_dir(policy_dir / "model", h)
+    h.update((eval_dir / "metrics.json").read_bytes())
+    return h.hexdigest()
+
+
+def read_validation_reports(paths: list[Path]) -> tuple[bool, list[str]]:
+    """(all passed, names of failed or unreadable reports)."""
+    failed = []
+    for p in paths:
+        try:
+            ok = bool(json.loads(Path(p).read_text()).get("success"))
+        except (OSError, json.JSONDecodeError):
+            ok = False
+        if not ok:
+            failed.append(str(p))
+    return not failed, failed
+
+
+def gate_and_register(cfg, *, policy_dir: Path, eval_dir: Path, tracking_uri: str, validation_reports: list[Path], out: Path | None) -> dict:
+    """Log the run and the model, register it as challenger, promote if the gate passes."""
+    import mlflow
+
+    from .registry import log_policy_model, register_policy
+    from .storage import write_json
+    from .tracking_mlflow import MlflowTracker, standard_tags
+
+    metrics_file = Path(eval_dir) / "metrics.json"
+    if not metrics_file.is_file():
+        raise PxpoInputError(str(metrics_file), "missing", "pass the output directory of `pxpo evaluate` with --eval")
+    if not ((Path(policy_dir) / "lora").is_dir() or (Path(policy_dir) / "model").is_dir()):
+        raise PxpoInputError(str(policy_dir), "no lora/ or model/ in the policy directory", "pass the output of `pxpo train` or `pxpo run`")
+    metrics = json.loads(metrics_file.read_text())
+    r = cfg.register
+    if r.primary_metric not in metrics:
+        raise PxpoInputError("register.primary_metric", f"{r.primary_metric!r} is not in {metrics_file}", f"use one of {sorted(k for k, v in metrics.items() if isinstance(v, (int, float)))}")
+    passed, failed = read_validation_reports(validation_reports)
+    gain_ok = metrics.get("reward_gain", 0.0) > r.min_gain
+
+    mlflow.set_tracking_uri(tracking_uri)
+    tracker = MlflowTracker(experiment=r.experiment)
+    with tracker.start(run_name="pxpo-register"):
+        tracker.set_tags({**standard_tags(Path.cwd()), "pxpo.stage": "register"})
+        tracker.log_params(cfg.to_dict())
+        tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}, step=0)
+        hist = Path(policy_dir) / "metrics.jsonl"
+        if hist.is_file():
+            for line in hist.read_text().splitlines():
+                rec = json.loads(line)
+                tracker.log_metrics({f"train.{k}": v for k, v in rec.items() if k != "epoch" and isinstance(v, (int, float))}, step=int(rec["epoch"]))
+        for img in ("samples_grid.png", "reward_overlay.png", "reward_map_mean.png"):
+            if (Path(eval_dir) / img).is_file():
+                tracker.log_image(Path(eval_dir) / img, img)
+        model_uri = log_policy_model(
+            tracker.run_id, base_model=cfg.model.path, policy_dir=Path(policy_dir), metrics=metrics
+        )
+        decision = register_policy(
+            model_uri,
+            r.model_name,
+            metrics=metrics,
+            primary_metric=r.primary_metric,
+            higher_is_better=r.higher_is_better,
+            margin=r.margin,
+            validations_passed=passed and gain_ok,
+            source_hash=source_hash(Path(policy_dir), Path(eval_dir)),
+        )
+    if not passed:
+        decision["reason"] = f"validation failed: {', '.join(failed)}; " + decision["reason"]
+    elif not gain_ok:
+        decision["reason"] = f"reward_gain {metrics.get('reward_gain', 0.0):.4f} <= min_gain {r.min_gain}; " + decision["reason"]
+    decision.update(model_name=r.model_name, model_uri=model_uri, tracking_uri=tracking_uri, run_id=tracker.run_id)
+    if out is not None:
+        write_json(Path(out), decision)
+    return decision
