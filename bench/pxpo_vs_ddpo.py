@@ -48,6 +48,33 @@ def samples_to_reach(history, threshold):
     return None
 
 
+def threshold_table(runs: dict, thresholds=(0.6, 0.65, 0.7, 0.72, 0.74, 0.76, 0.78)) -> dict:
+    """Samples each run needed to first reach each reward level (None: never in the budget)."""
+    return {f"{t:.2f}": {k: samples_to_reach(r["history"], t) for k, r in sorted(runs.items())} for t in thresholds}
+
+
+def summarize(runs: dict, overrides, epochs) -> dict:
+    base = sum(r["history"][0]["reward_mean"] for r in runs.values()) / len(runs)
+    finals = {k: sum(h["reward_mean"] for h in r["history"][-3:]) / 3 for k, r in runs.items()}
+    threshold = base + 0.5 * (max(finals.values()) - base)
+    by_algo = {}
+    for k, r in runs.items():
+        by_algo.setdefault(r["algorithm"], []).append(finals[k])
+    return {
+        "task": "overrides: " + " ".join(overrides),
+        "epochs": epochs,
+        "threads_per_process": 1,
+        "initial_reward": base,
+        "threshold": threshold,
+        "final_reward_last3": finals,
+        "final_reward_last3_mean_by_algorithm": {a: sum(v) / len(v) for a, v in by_algo.items()},
+        "gain": {k: v - base for k, v in finals.items()},
+        "samples_to_threshold": {k: samples_to_reach(r["history"], threshold) for k, r in runs.items()},
+        "samples_to_reach": threshold_table(runs),
+        "runs": runs,
+    }
+
+
 def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--epochs", type=int, default=20)
@@ -62,20 +89,8 @@ def main(argv=None):
     with ProcessPoolExecutor(max_workers=2) as ex:
         results = list(ex.map(_one, jobs))
     runs = {f"{algo}_s{seed}": {"algorithm": algo, "seed": seed, "history": h, "wall_s": w} for algo, seed, h, w in results}
-    base = sum(r["history"][0]["reward_mean"] for r in runs.values()) / len(runs)
-    finals = {k: sum(h["reward_mean"] for h in r["history"][-3:]) / 3 for k, r in runs.items()}
-    threshold = base + 0.5 * (max(finals.values()) - base)
-    summary = {
-        "task": "overrides: " + " ".join(a.overrides),
-        "epochs": a.epochs,
-        "threads_per_process": 1,
-        "initial_reward": base,
-        "threshold": threshold,
-        "final_reward_last3": finals,
-        "gain": {k: v - base for k, v in finals.items()},
-        "samples_to_threshold": {k: samples_to_reach(r["history"], threshold) for k, r in runs.items()},
-        "runs": runs,
-    }
+    summary = summarize(runs, a.overrides, a.epochs)
+    base, threshold, finals = summary["initial_reward"], summary["threshold"], summary["final_reward_last3"]
     from pxpo.plots import reward_curve
 
     reward_curve({k: r["history"] for k, r in runs.items()}, out / "pxpo_vs_ddpo.png", title="PXPO vs DDPO, equal samples")
@@ -83,6 +98,9 @@ def main(argv=None):
     print(f"initial reward {base:.4f}; threshold {threshold:.4f}")
     for k in runs:
         print(f"{k:12s} final(last 3) {finals[k]:.4f}  gain {finals[k] - base:+.4f}  samples to threshold {summary['samples_to_threshold'][k]}  wall {runs[k]['wall_s']:.0f}s")
+    print("samples to first reach each reward level:")
+    for t, row in summary["samples_to_reach"].items():
+        print(f"  {t}: " + "  ".join(f"{k}={v}" for k, v in row.items()))
 
 
 if __name__ == "__main__":
