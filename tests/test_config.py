@@ -14,7 +14,7 @@ def test_defaults_are_valid():
 
 def test_params_yaml_and_overrides(tmp_path):
     p = tmp_path / "params.yaml"
-    p.write_text("train:\n  epochs: 3\n  learning_rate: 1.0e-3\nsample:\n  num_steps: 10\nevaluate:\n  other: 1\n")
+    p.write_text("train:\n  epochs: 3\n  learning_rate: 1.0e-3\nsample:\n  num_steps: 10\nbase:\n  vae_steps: 1\n")
     cfg = load_config(p, ["train.epochs=5", "reward.kwargs={layout: top_bright}", "model.path=/x"])
     assert cfg.train.epochs == 5 and cfg.train.learning_rate == 1e-3 and cfg.sample.num_steps == 10
     assert cfg.reward.kwargs == {"layout": "top_bright"}
