@@ -85,6 +85,7 @@ def cmd_sample(args) -> int:
         variant=cfg.model.variant,
         dtype=resolve_dtype(cfg.model.dtype, device),
         device=device,
+        sampler=cfg.sample.sampler,
     )
     load_policy_into(pipe, args.policy)
     n = cfg.sample.batch_size * cfg.sample.num_batches
@@ -151,8 +152,8 @@ def cmd_train(args) -> int:
     traj = load_trajectories(d, with_images=False)
     hw = tuple(traj.meta["image_shape"][1:])
     maps, _ = load_reward_maps(d, len(traj), hw)
-    for key in ("num_steps", "eta", "guidance_scale"):
-        if traj.meta[key] != getattr(cfg.sample, key):
+    for key in ("sampler", "num_steps", "eta", "guidance_scale"):
+        if traj.meta.get(key, "ddim") != getattr(cfg.sample, key):
             raise PxpoInputError(
                 f"sample.{key}",
                 f"config says {getattr(cfg.sample, key)} but {d} was sampled with {traj.meta[key]}",

@@ -37,7 +37,8 @@ class PromptConfig:
 
 @dataclass
 class SampleConfig:
-    num_steps: int = 20  # DDIM steps T
+    sampler: str = "ddim"  # "ddim" (stochastic DDIM, eta > 0) or "lcm" (multi-step consistency sampling, RLCM)
+    num_steps: int = 20  # denoising steps T (DDIM: 20-50; LCM: 2-8)
     eta: float = 1.0  # DDIM stochasticity; must be > 0 to train on the samples
     guidance_scale: float = 3.0  # classifier-free guidance w (<= 1 disables CFG)
     batch_size: int = 32  # samples per UNet batch, per process
@@ -134,7 +135,11 @@ class Config:
         s, t = self.sample, self.train
         if s.num_steps < 1:
             bad("sample.num_steps", f"must be >= 1, got {s.num_steps}", "set a positive number of DDIM steps")
-        if not s.eta > 0:
+        if s.sampler not in ("ddim", "lcm"):
+            bad("sample.sampler", f"unknown sampler {s.sampler!r}", "use ddim or lcm")
+        if s.sampler == "lcm" and s.num_steps > 50:
+            bad("sample.num_steps", f"{s.num_steps} consistency steps exceed the 50-step skipping schedule", "use 2-8 steps with sampler lcm")
+        if s.sampler == "ddim" and not s.eta > 0:
             bad(
                 "sample.eta",
                 f"eta={s.eta} makes DDIM deterministic and the log-probability undefined",

@@ -64,7 +64,14 @@ def evaluate(cfg: Config, policy_dir: str | None, out_dir: Path, *, samples_per_
     from .train import label_images, sample_seed, sample_trajectories
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    pipe = load_pipeline(cfg.model.path, revision=cfg.model.revision, variant=cfg.model.variant, dtype=resolve_dtype(cfg.model.dtype, device), device=device)
+    pipe = load_pipeline(
+        cfg.model.path,
+        revision=cfg.model.revision,
+        variant=cfg.model.variant,
+        dtype=resolve_dtype(cfg.model.dtype, device),
+        device=device,
+        sampler=cfg.sample.sampler,
+    )
     split = "heldout" if Path(cfg.prompts.source).is_dir() else "train"
     heldout, _ = load_weighted_prompts(cfg.prompts.source, split=split)
     prompts = [p for p in heldout for _ in range(samples_per_prompt)]

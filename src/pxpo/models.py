@@ -29,7 +29,7 @@ def _looks_local(path: str) -> bool:
     return p.exists() or path.startswith((".", "/", "~")) or path.count("/") != 1
 
 
-def load_pipeline(path: str, *, revision=None, variant=None, dtype=torch.float32, device="cpu"):
+def load_pipeline(path: str, *, revision=None, variant=None, dtype=torch.float32, device="cpu", sampler: str = "ddim"):
     """Load a Stable-Diffusion-style pipeline for RL fine-tuning.
 
     Args:
@@ -37,14 +37,17 @@ def load_pipeline(path: str, *, revision=None, variant=None, dtype=torch.float32
         dtype: dtype of the frozen VAE and text encoder (and the UNet's base
             weights when LoRA is used).
 
+        sampler: ``"ddim"`` (DDIMScheduler) or ``"lcm"`` (LCMScheduler, for
+            latent consistency models; an LCM pipeline directory loads the same way).
+
     Returns:
-        a :class:`diffusers.StableDiffusionPipeline` on ``device`` with a
-        :class:`diffusers.DDIMScheduler`, the VAE and text encoder frozen.
+        a :class:`diffusers.StableDiffusionPipeline` on ``device`` with the
+        sampler's scheduler (same config), the VAE and text encoder frozen.
 
     Raises:
         PxpoInputError: the directory is missing or is not a loadable pipeline.
     """
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from diffusers import DDIMScheduler, LCMScheduler, StableDiffusionPipeline
 
     fix = "run `pxpo base build` for the embedded default, or set model.path to a diffusers pipeline directory or hub id"
     if _looks_local(path):
@@ -71,7 +74,8 @@ def load_pipeline(path: str, *, revision=None, variant=None, dtype=torch.float32
         raise PxpoInputError(
             f"model.path={path}", f"could not be loaded as a diffusers pipeline ({type(e).__name__}: {e})".strip(), fix
         ) from None
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    sched_cls = LCMScheduler if sampler == "lcm" else DDIMScheduler
+    pipe.scheduler = sched_cls.from_config(pipe.scheduler.config)
     pipe.vae.requires_grad_(False).eval()
     pipe.text_encoder.requires_grad_(False).eval()
     pipe.set_progress_bar_config(disable=True)

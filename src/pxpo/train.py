@@ -41,6 +41,7 @@ from .config import Config
 from .core.advantages import PerPromptStatTracker, to_latent_grid
 from .core.losses import ddpo_loss, pxpo_loss
 from .core.rewards import make_labeller
+from .core.lcm import lcm_model_output, lcm_step_with_logprob, prev_timesteps, sample_lcm
 from .core.sampling import decode_latents, encode_prompts, sample_ddim, step_log_prob
 from .prompts import draw_prompts, load_weighted_prompts
 from .tracking import NullTracker, Tracker
@@ -74,19 +75,26 @@ def sample_trajectories(pipe, cfg: Config, prompts: list[str], seeds: list[int],
         batch_prompts = prompts[i : i + s.batch_size]
         cond = encode_prompts(pipe.tokenizer, pipe.text_encoder, batch_prompts)
         gens = [torch.Generator().manual_seed(sd) for sd in seeds[i : i + s.batch_size]]
-        roll = sample_ddim(
-            unet,
-            pipe.scheduler,
-            cond,
-            neg,
-            latent_shape=latent_shape,
-            num_steps=s.num_steps,
-            eta=s.eta,
-            guidance_scale=s.guidance_scale,
-            generator=gens,
-            progress=progress,
-        )
-        images = quantize_images(decode_latents(pipe.vae, roll.latents[:, -1].to(device)))
+        if s.sampler == "lcm":
+            roll, final = sample_lcm(
+                unet, pipe.scheduler, cond, neg, latent_shape=latent_shape, num_steps=s.num_steps, guidance_scale=s.guidance_scale, generator=gens
+            )
+        else:
+            roll = sample_ddim(
+                unet,
+                pipe.scheduler,
+                cond,
+                neg,
+                latent_shape=latent_shape,
+                num_steps=s.num_steps,
+                eta=s.eta,
+                guidance_scale=s.guidance_scale,
+                generator=gens,
+                progress=progress,
+            )
+            final = roll.latents[:, -1]
+        # RLCM: the reward is on the last f_theta output (`final`), not the last noised sample.
+        images = quantize_images(decode_latents(pipe.vae, final.to(device)))
         parts.append((roll, cond.float().cpu(), images.cpu()))
     unet.train(was_training)
     meta = make_meta(
@@ -97,6 +105,7 @@ def sample_trajectories(pipe, cfg: Config, prompts: list[str], seeds: list[int],
         eta=s.eta,
         guidance_scale=s.guidance_scale,
         negative_prompt=cfg.prompts.negative_prompt,
+        sampler=s.sampler,
     )
     return Trajectories(
         latents=torch.cat([p[0].latents.cpu() for p in parts]),
@@ -161,6 +170,7 @@ def train_on_trajectories(state: TrainState, traj: Trajectories, advantages: tor
     n_train_t = max(1, int(steps * t.timestep_fraction))
     g = torch.Generator().manual_seed(cfg.seed * 7_919 + epoch * 104_729 + acc.process_index)
     neg = traj.negative_prompt_embeds.to(device)
+    prev_t = prev_timesteps(traj.timesteps)  # LCM re-noising targets
     logs = {"loss": [], "approx_kl": [], "clipfrac": [], "ratio": [], "grad_norm": []}
     unet.train()
     total = t.inner_epochs * math.ceil(n / t.batch_size) * n_train_t
@@ -180,18 +190,22 @@ def train_on_trajectories(state: TrainState, traj: Trajectories, advantages: tor
                 timestep = traj.timesteps[tj].to(device)
                 with acc.accumulate(unet):
                     with acc.autocast():
-                        out = step_log_prob(
-                            unet,
-                            state.scheduler,
-                            x_t,
-                            timestep,
-                            x_prev,
-                            cond,
-                            neg,
-                            num_steps=s.num_steps,
-                            eta=s.eta,
-                            guidance_scale=s.guidance_scale,
-                        )
+                        if s.sampler == "lcm":
+                            pred = lcm_model_output(unet, x_t, timestep, cond, neg, s.guidance_scale)
+                            out = lcm_step_with_logprob(state.scheduler, pred, timestep, prev_t[tj].to(device), x_t, prev_sample=x_prev)
+                        else:
+                            out = step_log_prob(
+                                unet,
+                                state.scheduler,
+                                x_t,
+                                timestep,
+                                x_prev,
+                                cond,
+                                neg,
+                                num_steps=s.num_steps,
+                                eta=s.eta,
+                                guidance_scale=s.guidance_scale,
+                            )
                     if t.algorithm == "ddpo":
                         res = ddpo_loss(out.log_prob, lp_old, adv, mode=t.loss, clip_range=t.clip_range, adv_clip_max=t.adv_clip_max)
                     else:
@@ -237,15 +251,20 @@ def build_train_state(cfg: Config, accelerator=None):
     if cfg.model.dtype != "auto":
         weight_dtype = resolve_dtype(cfg.model.dtype, accelerator.device)
     pipe = load_pipeline(
-        cfg.model.path, revision=cfg.model.revision, variant=cfg.model.variant, dtype=weight_dtype, device=accelerator.device
+        cfg.model.path,
+        revision=cfg.model.revision,
+        variant=cfg.model.variant,
+        dtype=weight_dtype,
+        device=accelerator.device,
+        sampler=cfg.sample.sampler,
     )
     unet = pipe.unet
+    torch.manual_seed(cfg.seed)  # LoRA's A matrices are drawn at random: same seed, same start
     if t.use_lora:
         params = add_lora(unet, t.lora_rank, t.lora_alpha)
     else:
         unet.float().requires_grad_(True)
         params = list(unet.parameters())
-    torch.manual_seed(cfg.seed)  # LoRA init is identity; full FT unaffected
     optimizer = torch.optim.AdamW(
         params,
         lr=t.learning_rate,

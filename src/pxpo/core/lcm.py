@@ -1,0 +1,185 @@
+"""Multi-step consistency sampling as a Gaussian policy (RLCM, arXiv 2404.03673).
+
+ALGORITHMS.md section 3. One step from x_t (t = timesteps[j]):
+
+=================  ==========================================================
+code               paper
+=================  ==========================================================
+``c_skip, c_out``  c_skip = s^2 / ((10 t)^2 + s^2), c_out = 10 t / sqrt((10 t)^2 + s^2), s = 0.5
+``x0_hat``         clean-sample prediction from the UNet (epsilon, v or sample)
+``denoised``       f_theta(x_t) = c_skip x_t + c_out x0_hat
+``mean``           sqrt(abar_prev) f_theta(x_t)
+``std``            sqrt(1 - abar_prev)   (fixed by the schedule)
+``log_prob``       log N(x_next; mean, std^2), per element
+=================  ==========================================================
+
+prev_t is the next timestep of the schedule; for the LAST step it is < 0 and
+abar_prev is the scheduler's final_alpha_cumprod, or alphas_cumprod[0] when
+that is 1 (``set_alpha_to_one``), so every one of the n actions has a
+log-prob (pxpo's choice: the horizon is n). The reward is computed on the image
+decoded from the last ``denoised`` (f_theta output), not on the last noised
+sample. :func:`lcm_step_with_logprob`'s ``denoised`` equals
+:meth:`diffusers.LCMScheduler.step`'s (tests pin it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .ddim import batch_randn, gaussian_log_prob
+
+
+@dataclass
+class LCMStepOutput:
+    """prev_sample, log_prob, mean: (B, C, h, w); std: (B, 1, 1, 1); denoised: f_theta(x_t), (B, C, h, w)."""
+
+    prev_sample: torch.Tensor
+    log_prob: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor
+    denoised: torch.Tensor
+
+
+def boundary_scalings(t: torch.Tensor, timestep_scaling: float = 10.0, sigma_data: float = 0.5):
+    """(c_skip, c_out) of the consistency parametrisation at integer timesteps t."""
+    scaled = t.float() * timestep_scaling
+    c_skip = sigma_data**2 / (scaled**2 + sigma_data**2)
+    c_out = scaled / (scaled**2 + sigma_data**2) ** 0.5
+    return c_skip, c_out
+
+
+def prev_timesteps(timesteps: torch.Tensor) -> torch.Tensor:
+    """The re-noising target of each step: the next timestep, and -1 after the last. (T,)"""
+    return torch.cat([timesteps[1:], timesteps.new_tensor([-1])])
+
+
+def final_abar(scheduler) -> float:
+    """abar after the last step: final_alpha_cumprod, or alphas_cumprod[0] if that is 1 (std must be > 0)."""
+    f = float(scheduler.final_alpha_cumprod)
+    return float(scheduler.alphas_cumprod[0]) if f >= 1.0 else f
+
+
+def lcm_step_with_logprob(
+    scheduler,
+    model_output: torch.Tensor,
+    timestep: torch.Tensor | int,
+    prev_timestep: torch.Tensor | int,
+    sample: torch.Tensor,
+    prev_sample: torch.Tensor | None = None,
+    generator=None,
+) -> LCMStepOutput:
+    """One consistency step with re-noising, and the per-element log-prob of the re-noised sample.
+
+    Args:
+        scheduler: a diffusers LCMScheduler (alphas_cumprod, config).
+        model_output: (guided) UNet output, (B, C, h, w).
+        timestep, prev_timestep: ints or (B,) tensors; prev < 0 means the last step.
+        sample: x_t, (B, C, h, w).
+        prev_sample: the stored action to score; None samples it with ``generator``
+            (one torch.Generator or a list of B).
+    """
+    b = sample.shape[0]
+    dev = sample.device
+    t = torch.as_tensor(timestep, device=dev).long()
+    tp = torch.as_tensor(prev_timestep, device=dev).long()
+    t = t.expand(b) if t.ndim == 0 else t
+    tp = tp.expand(b) if tp.ndim == 0 else tp
+    shape = (b,) + (1,) * (sample.ndim - 1)
+    ac = scheduler.alphas_cumprod.to(dev)
+    abar_t = ac[t].view(shape).float()
+    abar_prev = torch.where(tp >= 0, ac[tp.clamp(min=0)], torch.tensor(final_abar(scheduler), device=dev)).view(shape).float()
+    x = sample.float()
+    out = model_output.float()
+    cfg = scheduler.config
+    if cfg.prediction_type == "epsilon":
+        x0 = (x - (1 - abar_t).sqrt() * out) / abar_t.sqrt()
+    elif cfg.prediction_type == "sample":
+        x0 = out
+    elif cfg.prediction_type == "v_prediction":
+        x0 = abar_t.sqrt() * x - (1 - abar_t).sqrt() * out
+    else:
+        raise ValueError(f"unsupported prediction type {cfg.prediction_type!r}")
+    if getattr(cfg, "clip_sample", False):
+        x0 = x0.clamp(-cfg.clip_sample_range, cfg.clip_sample_range)
+    c_skip, c_out = boundary_scalings(t, getattr(cfg, "timestep_scaling", 10.0))
+    denoised = c_out.view(shape) * x0 + c_skip.view(shape) * x
+    mean = abar_prev.sqrt() * denoised
+    std = (1 - abar_prev).sqrt()
+    if prev_sample is None:
+        prev_sample = mean + std * batch_randn(tuple(mean.shape), generator).to(dev)
+    prev_sample = prev_sample.detach().float()
+    return LCMStepOutput(prev_sample, gaussian_log_prob(prev_sample, mean, std), mean, std, denoised)
+
+
+def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding of guidance scales w (B,) -> (B, dim) (LCM's w-conditioning, as in VDM)."""
+    w = w.float() * 1000.0
+    half = dim // 2
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32, device=w.device) * -(torch.log(torch.tensor(10000.0)) / (half - 1)))
+    emb = w[:, None] * freqs[None]
+    emb = torch.cat([torch.sin(emb), torch.cos(emb)], dim=1)
+    if dim % 2 == 1:
+        emb = torch.nn.functional.pad(emb, (0, 1))
+    return emb
+
+
+def lcm_model_output(unet, x, t, cond, uncond, guidance_scale: float):
+    """UNet output for a consistency step.
+
+    With a w-embedding UNet (``config.time_cond_proj_dim`` set): one pass with
+    ``timestep_cond`` = embedding of (guidance_scale - 1), as diffusers' LCM
+    pipeline does. Otherwise two-pass classifier-free guidance batched in one call.
+    """
+    from .sampling import guided_model_output
+
+    dim = getattr(unet.config, "time_cond_proj_dim", None)
+    if dim:
+        b = x.shape[0]
+        t = torch.as_tensor(t, device=x.device)
+        t = t.expand(b) if t.ndim == 0 else t
+        wc = guidance_embedding(torch.full((b,), guidance_scale - 1.0, device=x.device), dim).to(x.dtype)
+        return unet(x, t, timestep_cond=wc, encoder_hidden_states=cond).sample
+    return guided_model_output(unet, x, t, cond, uncond, guidance_scale)
+
+
+@torch.no_grad()
+def sample_lcm(
+    unet,
+    scheduler,
+    cond: torch.Tensor,
+    uncond: torch.Tensor | None,
+    *,
+    latent_shape: tuple[int, int, int],
+    num_steps: int,
+    guidance_scale: float,
+    generator=None,
+):
+    """Sample N trajectories of n consistency steps with per-element log-probs.
+
+    Returns:
+        (Rollout with latents (N, n+1, C, h, w) = x_T, re-noised x_{t_2}, ...,
+        the last action; log_probs (N, n, C, h, w); timesteps (n,)),
+        denoised (N, C, h, w): the last f_theta output, which is decoded for the reward.
+    """
+    from .sampling import Rollout
+
+    n = cond.shape[0]
+    device = cond.device
+    dtype = unet.dtype
+    scheduler.set_timesteps(num_steps, device=device)
+    ts = scheduler.timesteps.long()
+    prev = prev_timesteps(ts)
+    x = batch_randn((n, *latent_shape), generator).to(device) * scheduler.init_noise_sigma
+    latents, log_probs = [x.float()], []
+    denoised = None
+    for t, tp in zip(ts, prev):
+        out = lcm_model_output(unet, x.to(dtype), t, cond.to(dtype), None if uncond is None else uncond.to(dtype), guidance_scale)
+        step = lcm_step_with_logprob(scheduler, out, t, tp, x, generator=generator)
+        x = step.prev_sample
+        denoised = step.denoised
+        latents.append(x)
+        log_probs.append(step.log_prob)
+    roll = Rollout(latents=torch.stack(latents, 1), log_probs=torch.stack(log_probs, 1), timesteps=ts.detach().clone().cpu())
+    return roll, denoised
