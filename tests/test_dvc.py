@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 TINY = {
-    "base": {"vae_steps": 2, "unet_steps": 2},
+    "base": {"vae_steps": 2, "unet_steps": 2, "lcm_steps": 2},
     "sample": {"batch_size": 4, "num_steps": 3},
     "train": {"batch_size": 2, "epochs": 2, "use_lora": True, "learning_rate": 1e-2, "clip_range": 0.1},
     "evaluate": {"samples_per_prompt": 2},
@@ -52,7 +52,7 @@ def test_dvc_repro_end_to_end_and_partial_rerun(tmp_path):
     _sh(["git", "commit", "-qm", "init"], repo, env)
 
     out = _sh([str(BIN / "dvc"), "repro"], repo, env)
-    for stage in ("base", "prepare", "sample", "label", "train", "evaluate", "register"):
+    for stage in ("base", "lcm", "prepare", "sample", "label", "train", "evaluate", "register"):
         assert f"Running stage '{stage}'" in out
     assert (repo / "dvc.lock").is_file()
     decision = yaml.safe_load((repo / "metrics" / "register.json").read_text())
@@ -71,7 +71,7 @@ def test_dvc_repro_end_to_end_and_partial_rerun(tmp_path):
     out = _sh([str(BIN / "dvc"), "repro"], repo, env)
     for stage in ("train", "evaluate", "register"):
         assert f"Running stage '{stage}'" in out
-    for stage in ("base", "prepare", "sample", "label"):
+    for stage in ("base", "lcm", "prepare", "sample", "label"):
         assert f"Running stage '{stage}'" not in out
     status = _sh([str(BIN / "dvc"), "status"], repo, env)
     assert "up to date" in status

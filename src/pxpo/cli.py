@@ -54,6 +54,28 @@ def cmd_base_build(args) -> int:
     return 0
 
 
+def cmd_base_lcm(args) -> int:
+    from .base_model import LCMSpec, build_lcm
+
+    out = Path(args.out)
+    if (out / "model_index.json").exists() and not args.force:
+        print(f"{out} exists (use --force to rebuild)")
+        return 0
+    teacher = Path(args.teacher)
+    if not (teacher / "model_index.json").is_file():
+        raise PxpoInputError(f"--teacher {teacher}", "not a diffusers pipeline directory", "run `pxpo base build` first")
+    spec = LCMSpec(seed=args.seed)
+    if args.steps is not None:
+        spec.steps = args.steps
+    stats = build_lcm(teacher, out, spec, progress=not args.quiet)
+    print(
+        f"distilled {out}: prompt-following accuracy "
+        + ", ".join(f"{k} steps {stats[f'prompt_following_accuracy_{k}_steps']:.2f}" for k in (2, 4, 8))
+        + f"; {stats['total_seconds']:.0f}s; grid {out / 'samples.png'}"
+    )
+    return 0
+
+
 def cmd_run(args) -> int:
     from .tracking import JsonlTracker
     from .train import run
@@ -353,6 +375,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--force", action="store_true", help="rebuild even if the directory exists")
     b.add_argument("--quiet", action="store_true")
     b.set_defaults(fn=cmd_base_build)
+    bl = bsub.add_parser("distill-lcm", help="distil the default into a few-step latent consistency model (a few CPU minutes)")
+    bl.add_argument("--teacher", default="models/base")
+    bl.add_argument("--out", default="models/lcm")
+    bl.add_argument("--seed", type=int, default=0)
+    bl.add_argument("--steps", type=int, default=None, help="distillation steps (default 1000)")
+    bl.add_argument("--force", action="store_true")
+    bl.add_argument("--quiet", action="store_true")
+    bl.set_defaults(fn=cmd_base_lcm)
 
     r = sub.add_parser("run", help="online loop: sample -> label -> train for train.epochs epochs")
     with_config(r)
