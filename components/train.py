@@ -13,16 +13,18 @@ def train(
     params: str,
     epochs: int,
     base_model: Input[Model],
+    dataset: Input[Dataset],
     labelled: Input[Dataset],
     policy: Output[Model],
     metrics: Output[Metrics],
     state: Optional[Input[Model]] = None,
 ):
-    """Train ``epochs`` epochs (the first on ``labelled``), continuing from ``state`` if given."""
+    """Train ``epochs`` epochs (the first on ``labelled``, the rest sampled online from
+    ``dataset``'s training prompts), continuing from ``state`` if given."""
     from pxpo.kfp_stages import log_json_metrics, model_ref_args, run_stage
 
     args = ["--trajectories", labelled.path, "--out", policy.path, "--rounds", str(int(epochs))]
     if state is not None:
         args += ["--state", state.path]
-    run_stage(["train"], params, args, model_ref_args(base_model.path))
+    run_stage(["train"], params, args, [*model_ref_args(base_model.path), f"prompts.source={dataset.path}"])
     log_json_metrics(metrics, policy.path + "/metrics.jsonl")

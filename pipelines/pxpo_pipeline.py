@@ -81,7 +81,13 @@ def build_pipeline(o: Optional[PipelineOptions] = None):
                 kw["policy"] = policy_task.outputs["policy"]
             s = _gpu_task(sample(**kw), o).set_display_name(f"sample round {r}")
             label_task = label(params=params, trajectories=s.outputs["trajectories"]).set_display_name(f"label round {r}")
-            tkw = dict(params=params, epochs=o.epochs_per_round, base_model=base.outputs["model"], labelled=label_task.outputs["labelled"])
+            tkw = dict(
+                params=params,
+                epochs=o.epochs_per_round,
+                base_model=base.outputs["model"],
+                dataset=data.outputs["dataset"],
+                labelled=label_task.outputs["labelled"],
+            )
             if policy_task is not None:
                 tkw["state"] = policy_task.outputs["policy"]
             policy_task = _gpu_task(train(**tkw), o).set_display_name(f"train round {r}")
