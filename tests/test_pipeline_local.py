@@ -41,4 +41,4 @@ def test_local_pipeline_registers_a_champion(tmp_path, tiny_model_dir, monkeypat
 
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'w' / 'mlflow' / 'mlflow.db'}")
     mv = MlflowClient().get_model_version_by_alias("pxpo-test", "champion")
-    assert mv.version == "1"
+    assert str(mv.version) == "1"

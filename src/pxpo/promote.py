@@ -53,8 +53,6 @@ def read_validation_reports(paths: list[Path]) -> tuple[bool, list[str]]:
 
 def gate_and_register(cfg, *, policy_dir: Path, eval_dir: Path, tracking_uri: str, validation_reports: list[Path], out: Path | None) -> dict:
     """Log the run and the model, register it as challenger, promote if the gate passes."""
-    import mlflow
-
     from .registry import log_policy_model, register_policy
     from .storage import write_json
     from .tracking_mlflow import MlflowTracker, standard_tags
@@ -71,8 +69,7 @@ def gate_and_register(cfg, *, policy_dir: Path, eval_dir: Path, tracking_uri: st
     passed, failed = read_validation_reports(validation_reports)
     gain_ok = metrics.get("reward_gain", 0.0) > r.min_gain
 
-    mlflow.set_tracking_uri(tracking_uri)
-    tracker = MlflowTracker(experiment=r.experiment)
+    tracker = MlflowTracker(experiment=r.experiment, tracking_uri=tracking_uri)
     with tracker.start(run_name="pxpo-register"):
         tracker.set_tags({**standard_tags(Path.cwd()), "pxpo.stage": "register"})
         tracker.log_params(cfg.to_dict())
@@ -86,7 +83,14 @@ def gate_and_register(cfg, *, policy_dir: Path, eval_dir: Path, tracking_uri: st
             if (Path(eval_dir) / img).is_file():
                 tracker.log_image(Path(eval_dir) / img, img)
         model_uri = log_policy_model(
-            tracker.run_id, base_model=cfg.model.path, policy_dir=Path(policy_dir), metrics=metrics
+            tracker.run_id,
+            base_model=cfg.model.path,
+            policy_dir=Path(policy_dir),
+            metrics=metrics,
+            revision=cfg.model.revision,
+            sampler=cfg.sample.sampler,
+            num_steps=cfg.sample.num_steps,
+            guidance_scale=cfg.sample.guidance_scale,
         )
         decision = register_policy(
             model_uri,
