@@ -71,8 +71,9 @@ def run_local(cfg, params_text: str, *, prompts_uri: str, model_ref: str, workdi
     )
     pipe = build(options_from(cfg, {"gpu": False}))
     t0 = time.perf_counter()
-    decision = pipe(**pipeline_arguments(params_text, prompts_uri, model_ref, mlflow_tracking_uri))
+    task = pipe(**pipeline_arguments(params_text, prompts_uri, model_ref, mlflow_tracking_uri))
     wall = time.perf_counter() - t0
+    decision = getattr(task, "output", task)  # the pipeline's output: register's decision artifact
     result = json.loads(Path(decision.path).read_text())
     result["wall_seconds"] = wall
     result["pipeline_root"] = str(workdir / "kfp_outputs")
