@@ -475,8 +475,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
+    from .timing import timed
+
+    name = " ".join(a for a in (args.command, getattr(args, "base_command", None), getattr(args, "pipeline_command", None)) if a)
     try:
-        return args.fn(args)
+        with timed(f"stage:{name}"):
+            return args.fn(args)
     except PxpoInputError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code

@@ -53,6 +53,13 @@ def read_validation_reports(paths: list[Path]) -> tuple[bool, list[str]]:
 
 def gate_and_register(cfg, *, policy_dir: Path, eval_dir: Path, tracking_uri: str, validation_reports: list[Path], out: Path | None) -> dict:
     """Log the run and the model, register it as challenger, promote if the gate passes."""
+    from .timing import timed
+
+    with timed("mlflow"):
+        return _gate_and_register(cfg, policy_dir=policy_dir, eval_dir=eval_dir, tracking_uri=tracking_uri, validation_reports=validation_reports, out=out)
+
+
+def _gate_and_register(cfg, *, policy_dir, eval_dir, tracking_uri, validation_reports, out) -> dict:
     from .registry import log_policy_model, register_policy
     from .storage import write_json
     from .tracking_mlflow import MlflowTracker, standard_tags

@@ -94,6 +94,20 @@ def _context():
     return _CTX
 
 
+def _timed_ge(fn):
+    """Record the suite's wall time (GE import included) as orchestration cost ("ge")."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from .timing import timed
+
+        with timed("ge"):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
 def run_suite(name: str, df, expectations: list) -> ValidationReport:
     """Validate DataFrame ``df`` against ``expectations`` (GE expectation objects whose
     ``meta["description"]`` is a human sentence)."""
@@ -129,6 +143,7 @@ def run_suite(name: str, df, expectations: list) -> ValidationReport:
     )
 
 
+@_timed_ge
 def validate_prompts(df, *, min_length=1, max_length=300, min_heldout=1, max_heldout_fraction=0.5) -> ValidationReport:
     """Prompt dataset: columns prompt, weight, split (one row per prompt)."""
     import great_expectations as gx
@@ -180,6 +195,7 @@ def _per_sample(t) -> "object":
     return np.asarray(t, dtype=np.float64)
 
 
+@_timed_ge
 def validate_reward_maps(maps, *, num_samples: int, height: int, width: int, value_range=None) -> ValidationReport:
     """Reward maps (N, H, W): one finite map of the image size per sample (optionally in range)."""
     import great_expectations as gx
@@ -217,6 +233,7 @@ def validate_reward_maps(maps, *, num_samples: int, height: int, width: int, val
     return run_suite("reward_maps", df, ex)
 
 
+@_timed_ge
 def validate_trajectories(latents, log_probs, timesteps, num_samples: int | None = None) -> ValidationReport:
     """Trajectories: latents (N, T+1, ...), log_probs (N, T, ...), timesteps (T,), all finite."""
     import great_expectations as gx
