@@ -154,3 +154,27 @@ def test_bad_input_exits_2_with_named_input(tmp_path, tiny_model_dir, capsys, se
     code, _, err = _run(["sample", "--quiet", "--out", str(tmp_path / "t"), *FAST, *m, *args], capsys)
     assert code == 2 and expect in err
     assert not (tmp_path / "t").exists()
+
+
+def test_lcm_stage_chain(tmp_path, tiny_model_dir, capsys):
+    """sampler=lcm through sample -> label -> train; the artifact records the sampler; a mismatch is refused."""
+    from diffusers import LCMScheduler, UNet2DConditionModel
+    import shutil
+
+    m_dir = tmp_path / "lcm"
+    shutil.copytree(tiny_model_dir, m_dir)
+    base = UNet2DConditionModel.from_pretrained(tiny_model_dir / "unet")
+    unet = UNet2DConditionModel.from_config(base.config, time_cond_proj_dim=16)
+    unet.load_state_dict(base.state_dict(), strict=False)
+    unet.save_pretrained(m_dir / "unet")
+    LCMScheduler.from_pretrained(tiny_model_dir / "scheduler").save_pretrained(m_dir / "scheduler")
+    m = [f"model.path={m_dir}", "sample.sampler=lcm", "sample.num_steps=2", *FAST]
+    t = tmp_path / "traj"
+    assert _run(["sample", "--quiet", "--out", str(t), "--validate", *m], capsys)[0] == 0
+    assert json.loads((t / "meta.json").read_text())["sampler"] == "lcm"
+    assert _run(["label", "--quiet", "--trajectories", str(t), "--out", str(tmp_path / "lab"), "--validate", *m], capsys)[0] == 0
+    code, _, err = _run(["train", "--quiet", "--trajectories", str(tmp_path / "lab"), "--out", str(tmp_path / "r"), "--rounds", "1", *m], capsys)
+    assert code == 0, err
+    assert (tmp_path / "r" / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    code, _, err = _run(["train", "--quiet", "--trajectories", str(tmp_path / "lab"), "--out", str(tmp_path / "r2"), *m, "sample.sampler=ddim", "sample.num_steps=2"], capsys)
+    assert code == 2 and "sample.sampler" in err
