@@ -78,7 +78,14 @@ class MlflowTracker:
             mlflow.set_tracking_uri(tracking_uri)
         self.client = mlflow.MlflowClient()
         exp = self.client.get_experiment_by_name(experiment)
-        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+        if exp is None:
+            uri = mlflow.get_tracking_uri()
+            location = None
+            if uri.startswith("sqlite:///"):  # keep artifacts beside the database, not in ./mlruns
+                location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
+            self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
+        else:
+            self.experiment_id = exp.experiment_id
         self.run_id: str | None = None
 
     @contextlib.contextmanager
