@@ -59,6 +59,7 @@ class BaseModelSpec:
     batch_size: int = 32
     vae_lr: float = 2e-3
     unet_lr: float = 1e-3
+    text_lr_mult: float = 1.0  # text encoder learning rate = unet_lr * this
     uncond_prob: float = 0.1  # fraction of empty prompts (for classifier-free guidance)
     ema_decay: float = 0.995
     seed: int = 0
@@ -318,7 +319,11 @@ def pretrain(pipe, spec: BaseModelSpec, progress: bool = True) -> dict:
     unet, te, tok = pipe.unet.train(), pipe.text_encoder.train(), pipe.tokenizer
     noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
     params = list(unet.parameters()) + list(te.parameters())
-    opt = torch.optim.AdamW(params, lr=spec.unet_lr, weight_decay=1e-4)
+    opt = torch.optim.AdamW(
+        [{"params": list(unet.parameters()), "mult": 1.0}, {"params": list(te.parameters()), "mult": spec.text_lr_mult}],
+        lr=spec.unet_lr,
+        weight_decay=1e-4,
+    )
     ema = EMAModel(params, decay=spec.ema_decay, use_ema_warmup=True, power=0.75)
     prompts = [digit_prompt(d) for d in range(10)] + [""]
     ids_all = tok(prompts, padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids
@@ -326,7 +331,7 @@ def pretrain(pipe, spec: BaseModelSpec, progress: bool = True) -> dict:
     bar = tqdm(range(spec.unet_steps), desc="pretrain unet", disable=not progress)
     for step in bar:
         for grp in opt.param_groups:
-            grp["lr"] = spec.unet_lr * _cosine(step, spec.unet_steps)
+            grp["lr"] = spec.unet_lr * grp.get("mult", 1.0) * _cosine(step, spec.unet_steps)
         idx = torch.randint(0, n, (spec.batch_size,), generator=g)
         eps0 = torch.randn(mean[idx].shape, generator=g)
         z = (mean[idx] + std[idx] * eps0) * scaling

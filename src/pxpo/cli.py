@@ -46,6 +46,8 @@ def cmd_base_build(args) -> int:
         spec.vae_steps = args.vae_steps
     if args.unet_steps is not None:
         spec.unet_steps = args.unet_steps
+    if args.text_lr_mult is not None:
+        spec.text_lr_mult = args.text_lr_mult
     stats = build_base(out, spec, progress=not args.quiet)
     print(
         f"built {out}: prompt-following accuracy {stats['prompt_following_accuracy']:.2f} "
@@ -372,6 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--vae-steps", type=int, default=None)
     b.add_argument("--unet-steps", type=int, default=None)
+    b.add_argument("--text-lr-mult", type=float, default=None, help="text encoder lr = UNet lr x this")
     b.add_argument("--force", action="store_true", help="rebuild even if the directory exists")
     b.add_argument("--quiet", action="store_true")
     b.set_defaults(fn=cmd_base_build)
