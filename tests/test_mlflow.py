@@ -1,5 +1,8 @@
-"""MLflow: tracker, gated registration with aliases, idempotence, loading the champion back; a real server."""
+"""MLflow: tracker, pyfunc policy model, gated registration with aliases, idempotence,
+loading the champion back (in process and in a fresh one); a real ``mlflow server``."""
 
+import base64
+import io
 import json
 import os
 import shutil
@@ -7,97 +10,294 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 mlflow = pytest.importorskip("mlflow")
 
-from pxpo.registry import load_registered_pipeline, log_policy_model, register_policy  # noqa: E402
-from pxpo.tracking_mlflow import MlflowTracker, flatten, standard_tags  # noqa: E402
+from pxpo.registry import find_version, load_registered_pipeline, log_policy_model, register_policy  # noqa: E402
+from pxpo.tracking_mlflow import (  # noqa: E402
+    MlflowTracker,
+    clean_key,
+    default_tracking_uri,
+    ensure_experiment,
+    flatten,
+    standard_tags,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+GEN = dict(num_inference_steps=3, height=16, width=16, output_type="pt")
+
+
+@pytest.fixture(scope="module")
+def template_db(tmp_path_factory):
+    """An empty, fully migrated SQLite store. Creating one runs MLflow's alembic migrations
+    (~7 s); every test (and the server) starts from a copy instead (~0.05 s)."""
+    db = tmp_path_factory.mktemp("template") / "mlruns.db"
+    client = mlflow.MlflowClient(f"sqlite:///{db}")
+    client.search_experiments()
+    client.search_registered_models()
+    return db
 
 
 @pytest.fixture
-def sqlite_uri(tmp_path, monkeypatch):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.chdir(tmp_path)  # default artifact root ./mlruns goes under tmp
+def store(tmp_path, monkeypatch, template_db):
+    """A SQLite store under tmp_path/store; cwd is tmp_path so stray ./mlruns writes would show."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "store").mkdir()
+    shutil.copyfile(template_db, tmp_path / "store" / "mlruns.db")
+    uri = default_tracking_uri(tmp_path / "store")
     mlflow.set_tracking_uri(uri)
     yield uri
+    while mlflow.active_run() is not None:
+        mlflow.end_run()
     mlflow.set_tracking_uri(None)
 
 
-def test_flatten():
-    assert flatten({"a": {"b": 1, "c": {"d": 2}}, "e": 3}) == {"a.b": 1, "a.c.d": 2, "e": 3}
+# ----- tracking_mlflow ---------------------------------------------------------
 
 
-def test_tracker_logs_params_metrics_tags(sqlite_uri, tmp_path):
-    t = MlflowTracker("exp", tracking_uri=sqlite_uri)
-    with t.start(run_name="r"):
-        t.log_params({"train": {"learning_rate": 1e-3, "epochs": 2}, "seed": 0})
-        t.log_metrics({"reward_mean": 0.5, "note": "x"}, step=0)
-        t.log_metrics({"reward_mean": 0.6}, step=1)
-        t.set_tags(standard_tags(Path(__file__).resolve().parents[1]))
-    run = mlflow.MlflowClient().get_run(t.run_id)
-    assert run.data.params["train.learning_rate"] == "0.001"
-    hist = mlflow.MlflowClient().get_metric_history(t.run_id, "reward_mean")
-    assert [(m.step, m.value) for m in hist] == [(0, 0.5), (1, 0.6)]
-    assert len(run.data.tags["git.commit"]) >= 7 and run.data.tags["pxpo.version"]
+def test_import_does_not_import_mlflow():
+    code = "import sys, pxpo.tracking_mlflow; assert 'mlflow' not in sys.modules, 'mlflow imported eagerly'"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
-def _fake_policy(tiny_model_dir, out: Path, scale: float):
+def test_flatten_and_keys():
+    assert flatten({"a": {"b": 1, "c": {"d": 2}}, "e": 3, "f": {}}) == {"a.b": 1, "a.c.d": 2, "e": 3, "f": {}}
+    assert clean_key("reward@mean (x)") == "reward_mean _x_"
+    assert clean_key("train/lr:0") == "train/lr:0"
+    assert clean_key("/a//b") == "a__b"
+    assert len(clean_key("k" * 400)) == 250
+
+
+def test_default_tracking_uri(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
+    assert default_tracking_uri(tmp_path) == "http://mlflow.example:5000"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    monkeypatch.chdir(tmp_path)
+    uri = default_tracking_uri(Path("rel"))
+    assert uri == f"sqlite:///{(tmp_path / 'rel' / 'mlruns.db').resolve()}" and uri.startswith("sqlite:////")
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "mlflow.db").touch()  # a store an earlier pxpo created is kept
+    assert default_tracking_uri(tmp_path / "old").endswith("/old/mlflow.db")
+
+
+def test_standard_tags(tmp_path, monkeypatch):
+    monkeypatch.delenv("KFP_RUN_ID", raising=False)
+    tags = standard_tags(REPO)
+    assert len(tags["git.commit"]) == 40 and tags["pxpo.version"] and "kfp.run_id" not in tags
+    lock = (
+        "schema: '2.0'\nstages:\n  prepare:\n    cmd: pxpo prepare\n    outs:\n"
+        "    - path: data/prepared\n      hash: md5\n      md5: 0123abcd.dir\n      size: 10\n"
+        "  base:\n    cmd: pxpo base build\n    outs:\n    - path: models/base\n      md5: 4567ef\n"
+    )
+    (tmp_path / "dvc.lock").write_text(lock)
+    monkeypatch.setenv("KFP_RUN_ID", "run-123")
+    tags = standard_tags(tmp_path)  # not a git checkout
+    assert tags["git.commit"] == "unknown" and tags["kfp.run_id"] == "run-123"
+    assert tags["dvc.data"] == "data/prepared=0123abcd.dir;models/base=4567ef"
+    assert len(tags["dvc.lock.sha256"]) == 64
+
+
+def test_tracker_params_metrics_tags_images(store, tmp_path):
+    client = mlflow.MlflowClient()
+    t = MlflowTracker("exp", tracking_uri=store)
+    with t.start(run_name="parent") as tr:
+        parent = tr.run_id
+        tr.log_params({"train": {"learning_rate": 1e-3, "epochs": 2, "clip": None}, "seed": 0, "long": "v" * 7000,
+                       "many": {f"p{i}": i for i in range(150)}})
+        tr.log_params({"seed": 0})  # identical value: no-op
+        with pytest.warns(UserWarning, match="immutable"):
+            tr.log_params({"seed": 1})  # changed value: kept as a tag
+        tr.log_metrics({"reward_mean": 0.5, "note": "x", "np": np.float32(0.25), "t": torch.tensor(2.0), "nested": {"a": 1}}, step=0)
+        tr.log_metrics({"reward_mean": 0.6}, step=1)
+        tr.set_tags({"pxpo.stage": "test", "big": "x" * 9000})
+        png = tmp_path / "g.png"
+        from PIL import Image
+
+        Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(png)
+        tr.log_image(png, "grid.png")
+        tr.log_image(torch.rand(3, 8, 8), "reward_map")  # CHW float tensor
+        tr.log_image(np.zeros((8, 8), np.uint8), "series", step=2)
+        tr.log_artifact(png)
+        child = MlflowTracker("exp").start(run_name="child", parent_run_id=parent)
+        child.log_metrics({"x": 1.0}, step=0)
+        child_id = child.run_id
+        child.end()
+        assert child.run_id == child_id  # the last run's id stays readable after end()
+    with pytest.raises(ValueError):
+        with MlflowTracker("exp").start(run_name="boom"):
+            raise ValueError("boom")
+
+    run = client.get_run(parent)
+    p = run.data.params
+    assert p["train.learning_rate"] == "0.001" and p["train.epochs"] == "2" and p["train.clip"] == "None"
+    assert len(p["long"]) == 6000 and p["many.p149"] == "149" and len(p) == 155
+    assert [(m.step, m.value) for m in client.get_metric_history(parent, "reward_mean")] == [(0, 0.5), (1, 0.6)]
+    assert run.data.metrics["np"] == 0.25 and run.data.metrics["t"] == 2.0 and run.data.metrics["nested.a"] == 1.0
+    assert "note" not in run.data.metrics
+    assert run.data.tags["pxpo.stage"] == "test" and len(run.data.tags["big"]) == 8000
+    assert p["seed"] == "0" and run.data.tags["pxpo.param_changed.seed"] == "1"
+    assert run.info.status == "FINISHED"
+    names = {a.path for a in client.list_artifacts(parent, "images")}
+    assert {"images/grid.png", "images/reward_map.png"} <= names
+    assert client.get_run(child_id).info.status == "FINISHED"
+    kids = client.search_runs([t.experiment_id], f"tags.mlflow.parentRunId = '{parent}'")
+    assert [k.info.run_name for k in kids] == ["child"]
+    failed = client.search_runs([t.experiment_id], "attributes.run_name = 'boom'")
+    assert failed[0].info.status == "FAILED"
+    # artifacts beside the database, nothing under ./mlruns of the working directory
+    assert run.info.artifact_uri.startswith((tmp_path / "store" / "mlartifacts").as_uri())
+    assert (tmp_path / "store" / "mlartifacts").is_dir() and not (tmp_path / "mlruns").exists()
+
+
+# ----- registry ----------------------------------------------------------------
+
+
+def _fake_policy(tiny_model_dir, out: Path, seed: int, full_unet: bool = False):
+    """A 'trained' policy: a LoRA on the tiny UNet with random lora_B, or a perturbed full UNet."""
     from diffusers import UNet2DConditionModel
 
     from pxpo.models import add_lora, save_lora
 
     unet = UNet2DConditionModel.from_pretrained(tiny_model_dir / "unet")
+    g = torch.Generator().manual_seed(seed)
+    if full_unet:
+        with torch.no_grad():
+            for p in unet.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+        unet.save_pretrained(out / "model" / "unet")
+        return out
     add_lora(unet, 4, 4.0)
-    torch.manual_seed(int(scale * 100))
     with torch.no_grad():
         for n, p in unet.named_parameters():
             if "lora_B" in n:
-                p.normal_(0, scale)
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
     save_lora(unet, out / "lora")
     return out
 
 
-def test_register_gate_aliases_idempotent_and_load(sqlite_uri, tmp_path, tiny_model_dir):
+def _base_images(tiny_model_dir):
+    """The base pipeline's output (same loader, scheduler and seed as the registered one)."""
+    from pxpo.models import load_pipeline
+
+    base = load_pipeline(str(tiny_model_dir))
+    return base("a handwritten digit 3", generator=torch.Generator().manual_seed(0), **GEN).images
+
+
+def test_register_gate_aliases_idempotent_and_load(store, tmp_path, tiny_model_dir):
     client = mlflow.MlflowClient()
-    exp = client.create_experiment("reg")
+    exp = ensure_experiment("reg")
+    timings = {"log": [], "register": []}
 
-    def reg(name, metric, passed=True, source=None):
-        pol = _fake_policy(tiny_model_dir, tmp_path / name, 0.5)
-        with mlflow.start_run(experiment_id=exp) as run:
-            uri = log_policy_model(run.info.run_id, base_model=str(tiny_model_dir), policy_dir=pol, metrics={"reward_mean": metric})
-        return register_policy(uri, "pxpo-test", metrics={"reward_mean": metric}, primary_metric="reward_mean", margin=0.01,
-                               validations_passed=passed, source_hash=source or name)
+    def reg(tag, metric, passed=True, source=None, full_unet=False, include_base=None, name="pxpo-test"):
+        pol = _fake_policy(tiny_model_dir, tmp_path / tag, seed=len(tag) + int(metric * 1000), full_unet=full_unet)
+        with mlflow.start_run(experiment_id=exp):
+            t0 = time.perf_counter()
+            uri = log_policy_model(None, base_model=str(tiny_model_dir), policy_dir=pol, include_base=include_base,
+                                   metrics={"reward_mean": metric}, num_steps=3)
+            timings["log"].append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        d = register_policy(uri, name, metrics={"reward_mean": metric}, primary_metric="reward_mean", margin=0.01,
+                            validations_passed=passed, source_hash=source or tag)
+        timings["register"].append(time.perf_counter() - t0)
+        return d
 
-    d1 = reg("a", 0.50)
-    assert d1["promoted"] and d1["version"] == "1" and d1["reason"] == "no champion yet"
-    d2 = reg("b", 0.505)  # better, but not by more than the margin
-    assert not d2["promoted"] and d2["version"] == "2"
-    assert str(client.get_model_version_by_alias("pxpo-test", "challenger").version) == "2"
-    assert str(client.get_model_version_by_alias("pxpo-test", "champion").version) == "1"
-    d3 = reg("c", 0.60, passed=False)  # much better, but a validation failed
-    assert not d3["promoted"] and "validation" in d3["reason"]
-    d4 = reg("d", 0.60)
-    assert d4["promoted"] and str(client.get_model_version_by_alias("pxpo-test", "champion").version) == "4"
-    again = reg("d2", 0.60, source="d")  # same source hash: no new version, same decision
-    assert again["version"] == "4" and again["reused_version"] and again["promoted"]
-    assert len(client.search_model_versions("name = 'pxpo-test'")) == 4
-    assert all(mv.current_stage in (None, "None") for mv in client.search_model_versions("name = 'pxpo-test'"))
+    def alias(a, name="pxpo-test"):
+        v = client.get_registered_model(name).aliases.get(a)
+        return None if v is None else str(v)
 
+    d = reg("fail0", 0.9, passed=False)  # failed validation never promotes, even with no champion
+    assert (d["version"], d["promoted"], alias("champion"), alias("challenger")) == ("1", False, None, "1")
+    d = reg("a", 0.50)
+    assert d["promoted"] and d["version"] == "2" and d["reason"] == "no champion yet" and alias("champion") == "2"
+    d = reg("b", 0.505)  # better, but not by more than the margin
+    assert not d["promoted"] and (alias("challenger"), alias("champion")) == ("3", "2")
+    assert d["champion_version"] == "2" and d["champion_metric"] == 0.5 and d["challenger_metric"] == 0.505
+    d = reg("c", 0.70, passed=False, full_unet=True, include_base=False)  # much better, validation failed
+    assert not d["promoted"] and "validation" in d["reason"] and alias("champion") == "2"
+    d5 = reg("d", 0.60)
+    assert d5["promoted"] and d5["previous_champion_version"] == "2" and alias("champion") == "5"
+    again = reg("d-rerun", 0.60, source="d")  # same source hash: no new version, same decision
+    assert again["reused_version"] and (again["version"], again["promoted"], again["champion_version"]) == ("5", True, "5")
+    old = reg("a-rerun", 0.50, source="a")  # the old champion re-run: reused, no longer promoted
+    assert old["reused_version"] and old["version"] == "2" and not old["promoted"] and alias("champion") == "5"
+    assert find_version("pxpo-test", "d") == "5" and find_version("pxpo-test", "nope") is None
+    versions = client.search_model_versions("name = 'pxpo-test'")
+    assert len(versions) == 5 and all(mv.current_stage in (None, "None") for mv in versions)
+    mv5 = client.get_model_version("pxpo-test", "5")
+    assert mv5.tags["pxpo.source_hash"] == "d" and mv5.tags["validation"] == "passed" and float(mv5.tags["metric.reward_mean"]) == 0.6
+    assert client.get_model_version("pxpo-test", "4").tags["validation"] == "failed"
+
+    # lower is better: a second registered model from the same logged model
+    def low(loss, source):
+        return register_policy("models:/pxpo-test/5", "pxpo-low", metrics={"loss": loss}, primary_metric="loss",
+                               higher_is_better=False, margin=0.1, validations_passed=True, source_hash=source)
+
+    assert low(1.0, "l1")["promoted"] and not low(0.95, "l2")["promoted"] and low(0.5, "l3")["promoted"]
+
+    # the champion back as a diffusers pipeline: the LoRA changes the output
+    base = _base_images(tiny_model_dir)
     pipe = load_registered_pipeline("models:/pxpo-test@champion")
-    from diffusers import StableDiffusionPipeline
+    a = pipe("a handwritten digit 3", generator=torch.Generator().manual_seed(0), **GEN).images
+    assert a.shape == (1, 3, 16, 16) and torch.isfinite(a).all() and not torch.allclose(a, base, atol=1e-4)
+    # a full-UNet version whose base is a reference only (not copied into the model)
+    info = mlflow.models.get_model_info("models:/pxpo-test/4")
+    assert set(info.flavors["python_function"]["artifacts"]) == {"policy"} and info.metadata["policy_kind"] == "unet"
+    assert info.metadata["base_included"] is False and info.metadata["base_model"] == str(Path(tiny_model_dir).resolve())
+    u = load_registered_pipeline("models:/pxpo-test/4")("a handwritten digit 3", generator=torch.Generator().manual_seed(0), **GEN).images
+    assert not torch.allclose(u, base, atol=1e-4)
 
-    base = StableDiffusionPipeline.from_pretrained(tiny_model_dir, safety_checker=None, requires_safety_checker=False)
-    base.set_progress_bar_config(disable=True)
-    kw = dict(num_inference_steps=3, height=16, width=16, output_type="pt")
-    a = pipe("a handwritten digit 3", generator=torch.Generator().manual_seed(0), **kw).images
-    b = base("a handwritten digit 3", generator=torch.Generator().manual_seed(0), **kw).images
-    assert a.shape == (1, 3, 16, 16) and not torch.allclose(a, b)
+    print(f"\nlog_policy_model: {', '.join(f'{t:.2f}' for t in timings['log'])} s; "
+          f"register_policy: {', '.join(f'{t:.2f}' for t in timings['register'])} s")
+
+
+def test_champion_predicts_in_a_fresh_process(store, tmp_path, tiny_model_dir):
+    """pyfunc.load_model + predict in a new interpreter; pxpo comes from the code bundled in the model."""
+    with mlflow.start_run(experiment_id=ensure_experiment("fresh")) as run:
+        uri = log_policy_model(run.info.run_id, base_model=str(tiny_model_dir), policy_dir=_fake_policy(tiny_model_dir, tmp_path / "p", 7))
+    register_policy(uri, "pxpo-fresh", metrics={"r": 1.0}, primary_metric="r", margin=0.0, validations_passed=True, source_hash="f")
+    code = (
+        "import json, pandas as pd, mlflow\n"
+        "m = mlflow.pyfunc.load_model('models:/pxpo-fresh@champion', model_config={'device': 'cpu'})\n"
+        "df = pd.DataFrame({'prompt': ['a handwritten digit 3', 'a handwritten digit 5'], 'seed': [1, 2], 'num_inference_steps': [2, 2]})\n"
+        "out = m.predict(df)\n"
+        "import pxpo\n"
+        "print(json.dumps({'images': out['image'].tolist(), 'columns': list(out.columns), 'pxpo': pxpo.__file__}))\n"
+    )
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    from PIL import Image
+
+    imgs = [Image.open(io.BytesIO(base64.b64decode(s))) for s in res["images"]]
+    assert res["columns"] == ["image"] and [im.size for im in imgs] == [(16, 16), (16, 16)]
+    assert Path(res["pxpo"]).parent.parent.name == "code"  # the bundled copy, not the checkout
+
+
+def test_log_policy_model_rejects_bad_input(store, tmp_path, tiny_model_dir):
+    from pxpo.errors import PxpoInputError
+
+    (tmp_path / "empty").mkdir()
+    with mlflow.start_run(experiment_id=ensure_experiment("bad")):
+        with pytest.raises(PxpoInputError, match="no policy"):
+            log_policy_model(None, base_model=str(tiny_model_dir), policy_dir=tmp_path / "empty")
+        pol = _fake_policy(tiny_model_dir, tmp_path / "p", 1)
+        with pytest.raises(PxpoInputError, match="include_base"):
+            log_policy_model(None, base_model="org/some-model", policy_dir=pol, include_base=True)
+    with pytest.raises(PxpoInputError, match="primary_metric"):
+        register_policy("models:/x/1", "x", metrics={"a": 1.0}, primary_metric="b", validations_passed=True, source_hash="s")
+
+
+# ----- a real tracking server --------------------------------------------------------
 
 
 def _free_port():
@@ -106,43 +306,99 @@ def _free_port():
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    d = tmp_path_factory.mktemp("server")
-    port = _free_port()
-    exe = Path(sys.executable).parent / "mlflow"
-    proc = subprocess.Popen(
-        [str(exe), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{d / 'db.sqlite'}", "--artifacts-destination", str(d / "artifacts")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    t0 = time.time()
-    while time.time() - t0 < 120:
+def _stop(proc):
+    """SIGTERM the server's process group; SIGKILL what is left after 5 s."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # workers that outlived the parent
+    except ProcessLookupError:
+        pass
+    if proc.poll() is None:
+        proc.wait(timeout=10)
+
+
+SERVER_TEST = "test_real_server"
+SERVER_WAIT_S = 120
+
+
+def _poll_health(url: str, proc, state: dict) -> None:
+    """GET /health every second until 200, the process exits or SERVER_WAIT_S pass."""
+    while time.time() - state["t0"] < SERVER_WAIT_S and proc.poll() is None:
         try:
             if urllib.request.urlopen(url + "/health", timeout=2).status == 200:
+                state["ready_s"] = time.time() - state["t0"]
                 break
         except OSError:
-            time.sleep(1)
-    else:
-        os.killpg(proc.pid, signal.SIGTERM)
-        pytest.fail("mlflow server did not answer /health within 120 s")
-    yield url
-    os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(timeout=30)
+            pass
+        time.sleep(1)
+    state["done"].set()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _server_process(request, tmp_path_factory, template_db):
+    """Start ``mlflow server`` in the background when this module starts, so its start-up
+    overlaps the other tests; only when the server test is selected."""
+    if not any(item.name == SERVER_TEST for item in request.session.items):
+        yield None
+        return
+    d = tmp_path_factory.mktemp("server")
+    shutil.copyfile(template_db, d / "db.sqlite")
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # no huey job runner processes (faster start and stop)
+    log = open(d / "server.log", "wb")
+    state = {"t0": time.time(), "done": threading.Event(), "ready_s": None, "log": d / "server.log", "url": f"http://127.0.0.1:{port}"}
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{d / 'db.sqlite'}", "--artifacts-destination", str(d / "artifacts")],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=d, env=env,
+    )
+    state["proc"] = proc
+    threading.Thread(target=_poll_health, args=(state["url"], proc, state), daemon=True).start()
+    try:
+        yield state
+    finally:
+        _stop(proc)
+        log.close()
+
+
+@pytest.fixture
+def mlflow_server(_server_process):
+    """The server's URL once it answers GET /health (polled every second, up to 120 s)."""
+    s = _server_process
+    s["done"].wait(SERVER_WAIT_S + 5)
+    if s["ready_s"] is None:
+        rc = s["proc"].poll()
+        why = f"exited with {rc}" if rc is not None else f"did not answer /health within {SERVER_WAIT_S} s"
+        pytest.fail(f"mlflow server {why}:\n{s['log'].read_text()[-3000:]}")
+    print(f"\nmlflow server answered /health {s['ready_s']:.1f} s after it was started")
+    return s["url"]
 
 
 @pytest.mark.slow
 def test_real_server(mlflow_server, tmp_path, tiny_model_dir, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)
-    mlflow.set_tracking_uri(mlflow_server)
     try:
-        t = MlflowTracker("server-exp", tracking_uri=mlflow_server)
-        with t.start(run_name="r"):
+        with MlflowTracker("server-exp", tracking_uri=mlflow_server).start(run_name="r") as t:
+            t.set_tags(standard_tags(REPO))
+            t.log_params({"train": {"learning_rate": 3e-4}})
             t.log_metrics({"reward_mean": 0.7}, step=3)
-            uri = log_policy_model(t.run_id, base_model=str(tiny_model_dir), policy_dir=_fake_policy(tiny_model_dir, tmp_path / "p", 0.3))
-        d = register_policy(uri, "pxpo-server", metrics={"reward_mean": 0.7}, primary_metric="reward_mean", validations_passed=True, source_hash="s")
-        assert d["promoted"]
-        assert str(mlflow.MlflowClient().get_model_version_by_alias("pxpo-server", "champion").version) == "1"
+            uri = log_policy_model(t.run_id, base_model=str(tiny_model_dir), policy_dir=_fake_policy(tiny_model_dir, tmp_path / "p", 3))
+        kw = dict(metrics={"reward_mean": 0.7}, primary_metric="reward_mean", validations_passed=True, source_hash="s")
+        d1 = register_policy(uri, "pxpo-server", **kw)
+        d2 = register_policy(uri, "pxpo-server", **kw)
+        assert d1["promoted"] and d2["reused_version"] and d1["version"] == d2["version"] == "1"
+        client = mlflow.MlflowClient(mlflow_server)
+        assert str(client.get_model_version_by_alias("pxpo-server", "champion").version) == "1"
+        assert client.get_registered_model("pxpo-server").aliases == {"champion": "1", "challenger": "1"}
+        pipe = load_registered_pipeline("models:/pxpo-server@champion")
+        img = pipe("a handwritten digit 3", generator=torch.Generator().manual_seed(0), **GEN).images
+        assert img.shape == (1, 3, 16, 16)
     finally:
         mlflow.set_tracking_uri(None)

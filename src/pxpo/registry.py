@@ -1,157 +1,383 @@
 """MLflow model registry: the trained policy as a pyfunc model, aliases ``challenger`` / ``champion``.
 
-The logged model holds the policy (LoRA or UNet) and, when the base model is a
-local directory under 500 MB, the base pipeline itself (self-contained);
-otherwise it records the base's hub id / path and revision. Loading rebuilds a
-diffusers pipeline: :func:`load_registered_pipeline`.
+The logged model (MLflow "models from code": a two-line script that builds a
+:class:`DiffusersPolicyModel`, with the ``pxpo`` package bundled under
+``code/`` so it loads where pxpo is not installed) holds
+
+* the policy: a LoRA directory (``pytorch_lora_weights.safetensors``) or a full
+  UNet directory (``save_pretrained``);
+* the base pipeline directory when it is local and under 500 MB
+  (self-contained model); otherwise only its reference (absolute path or hub
+  id, revision) in the model config, which a loader may override
+  (``model_config={"base_model": ...}`` or ``$MLFLOW_PYFUNC_INFERENCE_CONFIG``).
+
+Registration uses aliases only (never stages): every registered version is
+aliased ``challenger``; ``champion`` moves to it when it passes the gate
+(:func:`register_policy`). Loading back gives a plain diffusers pipeline:
+:func:`load_registered_pipeline`.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
-import json
+import math
+import shutil
+import tempfile
+import warnings
 from pathlib import Path
 
 import mlflow.pyfunc
+import pandas as pd
 
 from . import __version__
+from .errors import PxpoInputError
 
 ALIAS_CHALLENGER = "challenger"
 ALIAS_CHAMPION = "champion"
+MAX_BASE_MB = 500
+# What the model needs at load time, pinned to the versions it was logged with.
+REQUIREMENTS = ["torch", "diffusers", "transformers", "peft", "accelerate", "safetensors", "pillow", "pandas", "numpy"]
+
+_MODEL_CODE = '''"""pxpo policy model (MLflow models-from-code entry point)."""
+import mlflow
+
+from pxpo.registry import DiffusersPolicyModel
+
+mlflow.models.set_model(DiffusersPolicyModel())
+'''
 
 
 class DiffusersPolicyModel(mlflow.pyfunc.PythonModel):
-    """pyfunc wrapper: ``predict`` takes a DataFrame with ``prompt`` (optional ``seed``,
-    ``num_inference_steps``, ``guidance_scale``) and returns ``image`` as base64 PNG."""
+    """pyfunc wrapper around a diffusers pipeline with the trained policy applied.
+
+    ``predict`` takes a DataFrame with column ``prompt`` and optional ``seed``
+    (default 0), ``num_inference_steps`` and ``guidance_scale`` (defaults: the
+    values the policy was trained/evaluated with) and returns a DataFrame with
+    column ``image``: base64-encoded PNG bytes, one per row (:func:`decode_image`).
+    The logged signature types the columns: ``seed`` and ``num_inference_steps``
+    integers, ``guidance_scale`` a float (MLflow refuses an integer column there).
+
+    Load-time ``model_config`` keys (``mlflow.pyfunc.load_model(uri, model_config=...)``
+    or ``$MLFLOW_PYFUNC_INFERENCE_CONFIG`` when serving): ``device`` (``auto``:
+    CUDA when present), ``dtype``, ``base_model`` / ``revision`` (when the base
+    was not copied into the model), ``sampler``, ``num_inference_steps``, ``guidance_scale``.
+    """
 
     def load_context(self, context):
         import torch
 
-        from .models import load_pipeline, load_policy_into
+        from .models import load_pipeline, load_policy_into, resolve_dtype
 
-        meta = json.loads(Path(context.artifacts["pxpo_meta"]).read_text())
-        base = context.artifacts.get("base", meta["base_model"])
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.pipe = load_pipeline(str(base), revision=meta.get("revision"), device=device, sampler=meta.get("sampler", "ddim"))
+        cfg = dict(context.model_config or {})
+        device = cfg.get("device") or "auto"
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = resolve_dtype(cfg.get("dtype") or "float32", device)
+        if "base" in context.artifacts:
+            base, revision, variant = context.artifacts["base"], None, None
+        else:
+            base, revision, variant = cfg["base_model"], cfg.get("revision"), cfg.get("variant")
+        self.pipe = load_pipeline(str(base), revision=revision, variant=variant, dtype=dtype, device=device,
+                                  sampler=cfg.get("sampler") or "ddim")
         load_policy_into(self.pipe, context.artifacts["policy"])
-        self.meta = meta
+        self.pipe.unet.eval().requires_grad_(False)
+        self.config = cfg
 
-    def predict(self, context, model_input, params=None):
-        import pandas as pd
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         import torch
 
-        rows = model_input.to_dict("records")
+        if isinstance(model_input, str):
+            model_input = pd.DataFrame({"prompt": [model_input]})
+        elif not isinstance(model_input, pd.DataFrame):
+            model_input = pd.DataFrame(model_input)
+        if "prompt" not in model_input.columns:
+            raise PxpoInputError("model input", "no `prompt` column", "pass a DataFrame with a `prompt` column")
+        params = params or {}
         size = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
         out = []
-        for r in rows:
-            img = self.pipe(
-                r["prompt"],
-                height=size,
-                width=size,
-                num_inference_steps=int(r.get("num_inference_steps") or self.meta.get("num_steps", 20)),
-                guidance_scale=float(r.get("guidance_scale") or self.meta.get("guidance_scale", 3.0)),
-                generator=torch.Generator().manual_seed(int(r.get("seed") or 0)),
-            ).images[0]
+        for r in model_input.to_dict("records"):
+            steps = _opt(r.get("num_inference_steps"), params.get("num_inference_steps"), self.config.get("num_inference_steps"), 20)
+            scale = _opt(r.get("guidance_scale"), params.get("guidance_scale"), self.config.get("guidance_scale"), 3.0)
+            seed = _opt(r.get("seed"), params.get("seed"), 0)
+            with torch.no_grad():
+                img = self.pipe(
+                    str(r["prompt"]),
+                    height=size,
+                    width=size,
+                    num_inference_steps=int(steps),
+                    guidance_scale=float(scale),
+                    generator=torch.Generator().manual_seed(int(seed)),
+                ).images[0]
             buf = io.BytesIO()
             img.save(buf, format="PNG")
-            out.append(base64.b64encode(buf.getvalue()).decode())
+            out.append(base64.b64encode(buf.getvalue()).decode("ascii"))
         return pd.DataFrame({"image": out})
 
 
-def _dir_size(d: Path) -> int:
-    return sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
+def _opt(*values):
+    """First value that is neither None nor NaN (optional DataFrame columns come back as NaN)."""
+    for v in values:
+        if v is None:
+            continue
+        try:
+            if isinstance(v, float) and math.isnan(v):
+                continue
+        except TypeError:
+            pass
+        return v
+    return None
 
 
-def log_policy_model(run_id: str, *, base_model: str, policy_dir: Path, name: str = "policy", include_base: bool | None = None,
-                     metrics: dict | None = None, revision: str | None = None, sampler: str = "ddim", num_steps: int = 20,
+def decode_image(b64: str):
+    """A ``predict`` output cell -> PIL image."""
+    from PIL import Image
+
+    return Image.open(io.BytesIO(base64.b64decode(b64)))
+
+
+def _dir_size(d: Path, stop_after: int | None = None) -> int:
+    total = 0
+    for f in d.rglob("*"):
+        if f.is_file():
+            total += f.stat().st_size
+            if stop_after is not None and total > stop_after:
+                break
+    return total
+
+
+def _policy_part(policy_dir: Path) -> tuple[Path, str]:
+    """(directory to log, ``"lora"`` or ``"unet"``) from an output dir, a LoRA dir or a UNet dir."""
+    d = Path(policy_dir)
+    if (d / "lora" / "pytorch_lora_weights.safetensors").is_file():
+        return d / "lora", "lora"
+    if (d / "pytorch_lora_weights.safetensors").is_file():
+        return d, "lora"
+    if (d / "model" / "unet" / "config.json").is_file():
+        return d / "model" / "unet", "unet"
+    if (d / "config.json").is_file() and any(d.glob("diffusion_pytorch_model*")):
+        return d, "unet"
+    raise PxpoInputError(
+        str(d),
+        "no policy found (expected lora/pytorch_lora_weights.safetensors or model/unet/)",
+        "pass the output directory of `pxpo train` or `pxpo run`",
+    )
+
+
+def _requirements() -> list[str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    reqs = []
+    for name in REQUIREMENTS:
+        try:
+            reqs.append(f"{name}=={version(name).split('+')[0]}")
+        except PackageNotFoundError:
+            reqs.append(name)
+    return reqs
+
+
+def _signature():
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    return ModelSignature(
+        inputs=Schema([
+            ColSpec("string", "prompt"),
+            ColSpec("long", "seed", required=False),
+            ColSpec("long", "num_inference_steps", required=False),
+            ColSpec("double", "guidance_scale", required=False),
+        ]),
+        outputs=Schema([ColSpec("string", "image")]),
+    )
+
+
+def log_policy_model(run_id_or_active: str | None = None, *, base_model: str, policy_dir: Path, name: str = "policy",
+                     include_base: bool | None = None, metrics: dict | None = None, revision: str | None = None,
+                     variant: str | None = None, sampler: str = "ddim", num_steps: int = 20,
                      guidance_scale: float = 3.0) -> str:
-    """Log the policy as a pyfunc model in run ``run_id``; return its model URI."""
-    import tempfile
+    """Log the policy as a pyfunc model in a run; return its model URI (``models:/m-...``).
 
+    Args:
+        run_id_or_active: the run to attach the model to; None: the active run.
+        base_model: the base pipeline: a local diffusers directory or a hub id.
+        policy_dir: a ``pxpo train``/``run`` output (``lora/`` or ``model/unet/``),
+            a LoRA directory or a UNet directory.
+        include_base: copy the base pipeline into the model; None: when it is a
+            local directory under 500 MB (else only its reference is recorded).
+        metrics: numeric evaluation metrics, recorded in the model's metadata.
+        revision, variant: of a hub base model (recorded, used at load time).
+        sampler, num_steps, guidance_scale: the sampling defaults of ``predict``.
+
+    Raises:
+        PxpoInputError: no policy in ``policy_dir``; ``include_base=True`` for a
+            base that is not a local directory; no run to log to.
+    """
     import mlflow
 
-    policy_dir = Path(policy_dir)
-    base_path = Path(base_model)
+    part, kind = _policy_part(Path(policy_dir))
+    from .models import _looks_local
+
+    base_path = Path(base_model).expanduser()
+    local_base = base_path.is_dir()
+    if not local_base and _looks_local(str(base_model)):
+        raise PxpoInputError(f"base_model={base_model}", "directory not found", "pass the base pipeline directory or a hub id (org/name)")
     if include_base is None:
-        include_base = base_path.is_dir() and _dir_size(base_path) < 500 * 2**20
-    policy_part = policy_dir / "lora" if (policy_dir / "lora").is_dir() else policy_dir / "model" / "unet"
+        include_base = local_base and _dir_size(base_path, stop_after=MAX_BASE_MB * 2**20) < MAX_BASE_MB * 2**20
+    elif include_base and not local_base:
+        raise PxpoInputError(f"base_model={base_model}", "include_base=True needs a local pipeline directory",
+                             "pass a local directory or include_base=None/False to record the reference only")
+    base_ref = str(base_path.resolve()) if local_base else str(base_model)
+    config = {
+        "base_model": base_ref, "revision": revision, "variant": variant, "sampler": sampler,
+        "num_inference_steps": int(num_steps), "guidance_scale": float(guidance_scale),
+        "device": "auto", "dtype": "float32",
+    }
+    metadata = {
+        "pxpo_version": __version__, "base_model": base_ref, "base_revision": revision, "base_included": bool(include_base),
+        "policy_kind": kind,
+        "metrics": {k: float(v) for k, v in (metrics or {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
+    }
+    active = mlflow.active_run()
+    run_id = run_id_or_active or (active.info.run_id if active else None)
+    if run_id is None:
+        raise PxpoInputError("log_policy_model", "no run given and no active MLflow run", "pass a run id or call it inside a run")
+    import pxpo
+
     with tempfile.TemporaryDirectory() as tmp:
-        meta = Path(tmp) / "pxpo_meta.json"
-        meta.write_text(json.dumps({
-            "base_model": str(base_model), "revision": revision, "sampler": sampler, "num_steps": num_steps,
-            "guidance_scale": guidance_scale, "pxpo_version": __version__, "metrics": metrics or {},
-        }, default=str))
-        artifacts = {"policy": str(policy_part), "pxpo_meta": str(meta)}
+        code = Path(tmp) / "pxpo"
+        shutil.copytree(Path(pxpo.__file__).parent, code, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        script = Path(tmp) / "pxpo_policy_model.py"
+        script.write_text(_MODEL_CODE)
+        artifacts = {"policy": str(part)}
         if include_base:
             artifacts["base"] = str(base_path)
-        import contextlib
-
-        active = mlflow.active_run()
-        ctx = contextlib.nullcontext() if active is not None and active.info.run_id == run_id else mlflow.start_run(run_id=run_id)
-        with ctx:
+        if active is not None and active.info.run_id == run_id:
+            ctx = contextlib.nullcontext()
+        else:
+            ctx = mlflow.start_run(run_id=run_id, nested=active is not None)
+        with ctx, warnings.catch_warnings():
+            # an input example would make log_model load the model and run predict (slow)
+            warnings.filterwarnings("ignore", message=".*input example was not provided.*")
             info = mlflow.pyfunc.log_model(
                 name=name,
-                python_model=DiffusersPolicyModel(),
+                python_model=str(script),
                 artifacts=artifacts,
-                pip_requirements=["torch", "diffusers", "transformers", "peft", "accelerate", "safetensors", f"pxpo=={__version__}"],
-                metadata={"pxpo_version": __version__, "base_model": str(base_model)},
+                code_paths=[str(code)],
+                model_config=config,
+                signature=_signature(),
+                pip_requirements=_requirements(),
+                metadata=metadata,
             )
     return info.model_uri
 
 
-def _version_metric(client, name: str, version: str, metric: str):
-    mv = client.get_model_version(name, version)
+def _not_found(e) -> bool:
+    return getattr(e, "error_code", None) == "RESOURCE_DOES_NOT_EXIST"
+
+
+def _champion_metric(client, mv, metric: str) -> float | None:
+    """The champion's ``metric``: its version tag ``metric.<name>``, else its source run's metric."""
     v = mv.tags.get(f"metric.{metric}")
-    return float(v) if v is not None else None
+    if v is not None:
+        return float(v)
+    if mv.run_id:
+        try:
+            run_metrics = client.get_run(mv.run_id).data.metrics
+        except Exception:  # noqa: BLE001 (run deleted or in another store)
+            return None
+        if metric in run_metrics:
+            return float(run_metrics[metric])
+    return None
+
+
+def find_version(registered_name: str, source_hash: str, *, client=None) -> str | None:
+    """The (oldest) version of ``registered_name`` tagged ``pxpo.source_hash=source_hash``, or None.
+
+    Lets a caller skip logging a model that is already registered.
+    """
+    import mlflow
+
+    client = client or mlflow.MlflowClient()
+    quoted = source_hash.replace("'", "\\'")
+    found = client.search_model_versions(f"name = '{registered_name}' and tag.`pxpo.source_hash` = '{quoted}'")
+    versions = [int(mv.version) for mv in found if mv.tags.get("pxpo.source_hash") == source_hash]
+    return str(min(versions)) if versions else None
 
 
 def register_policy(model_uri: str, registered_name: str, *, metrics: dict, primary_metric: str, higher_is_better: bool = True,
-                    margin: float = 0.0, validations_passed: bool, source_hash: str) -> dict:
-    """Register (or reuse, by ``source_hash``) a model version, alias it ``challenger``,
-    and promote it to ``champion`` if it passes the gate. Returns the decision."""
+                    margin: float = 0.0, validations_passed: bool, source_hash: str, tracking_uri: str | None = None) -> dict:
+    """Register (or reuse) a model version, alias it ``challenger``, promote to ``champion`` if it passes.
+
+    Gate: ``validations_passed`` and (no champion, or ``metrics[primary_metric]``
+    beats the champion's by more than ``margin`` in the direction of
+    ``higher_is_better``). Idempotent: a version of ``registered_name`` tagged
+    with the same ``pxpo.source_hash`` is reused (no new version) and the gate
+    re-evaluated the same way; a version that already is champion stays champion.
+
+    Returns:
+        ``{version, promoted, reason, champion_version, champion_metric,
+        challenger_metric, previous_champion_version, previous_champion_metric,
+        reused_version, primary_metric}``; ``champion_*`` describe the champion
+        after the decision, ``previous_champion_*`` the one compared against.
+    """
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    client = mlflow.MlflowClient()
+    if primary_metric not in metrics:
+        raise PxpoInputError("primary_metric", f"{primary_metric!r} is not in the metrics", f"use one of {sorted(metrics)}")
+    challenger_metric = float(metrics[primary_metric])
+    client = mlflow.MlflowClient(tracking_uri) if tracking_uri else mlflow.MlflowClient()
     try:
         client.get_registered_model(registered_name)
-    except MlflowException:
-        client.create_registered_model(registered_name, description="pxpo policies (RL fine-tuned diffusion models)")
-    existing = client.search_model_versions(f"name = '{registered_name}' and tag.`pxpo.source_hash` = '{source_hash}'")
-    if existing:
-        version = str(existing[0].version)
+    except MlflowException as e:
+        if not _not_found(e):
+            raise
+        try:
+            client.create_registered_model(registered_name, description="pxpo policies (RL fine-tuned diffusion models)")
+        except MlflowException as e2:  # created concurrently
+            if getattr(e2, "error_code", None) != "RESOURCE_ALREADY_EXISTS":
+                raise
+    existing = find_version(registered_name, source_hash, client=client)
+    if existing is not None:
+        version = existing
         reused = True
     else:
-        mv = mlflow.register_model(model_uri, registered_name, tags={"pxpo.source_hash": source_hash})
-        version = str(mv.version)
-        reused = False
+        tags = {"pxpo.source_hash": source_hash, "pxpo.version": __version__}
         for k, v in metrics.items():
             if isinstance(v, (int, float)) and not isinstance(v, bool):
-                client.set_model_version_tag(registered_name, version, f"metric.{k}", str(v))
+                tags[f"metric.{k}"] = repr(float(v))
+        mv = mlflow.register_model(model_uri, registered_name, tags=tags)
+        version = str(mv.version)
+        reused = False
     client.set_model_version_tag(registered_name, version, "validation", "passed" if validations_passed else "failed")
     client.set_registered_model_alias(registered_name, ALIAS_CHALLENGER, version)
 
-    challenger_metric = float(metrics[primary_metric])
-    try:
-        champ = client.get_model_version_by_alias(registered_name, ALIAS_CHAMPION)
-        champ_version = str(champ.version)
-    except MlflowException:
-        champ, champ_version = None, None
-    champ_metric = _version_metric(client, registered_name, champ_version, primary_metric) if champ is not None else None
+    # the registered model's alias map; get_model_version_by_alias raises INVALID_PARAMETER_VALUE
+    # (not RESOURCE_DOES_NOT_EXIST) for a missing alias
+    champ_alias = client.get_registered_model(registered_name).aliases.get(ALIAS_CHAMPION)
+    champ = client.get_model_version(registered_name, str(champ_alias)) if champ_alias is not None else None
+    champ_version = str(champ.version) if champ is not None else None
+    champ_metric = _champion_metric(client, champ, primary_metric) if champ is not None else None
 
     if not validations_passed:
         promoted, reason = False, "validation did not pass"
+    elif not math.isfinite(challenger_metric):
+        promoted, reason = False, f"{primary_metric} is {challenger_metric}"
     elif champ is None:
         promoted, reason = True, "no champion yet"
     elif champ_version == version:
-        promoted, reason = True, "already champion"
+        promoted, reason = True, f"v{version} already is the champion"
+    elif champ_metric is None or not math.isfinite(champ_metric):
+        promoted, reason = False, f"champion v{champ_version} has no comparable {primary_metric}; move the alias by hand"
     else:
         delta = (challenger_metric - champ_metric) if higher_is_better else (champ_metric - challenger_metric)
         promoted = delta > margin
-        reason = f"{primary_metric} {challenger_metric:.4f} vs champion v{champ_version} {champ_metric:.4f}: delta {delta:+.4f} {'>' if promoted else '<='} margin {margin}"
+        reason = (f"{primary_metric} {challenger_metric:.4f} vs champion v{champ_version} {champ_metric:.4f}: "
+                  f"improvement {delta:+.4f} {'>' if promoted else '<='} margin {margin}")
     if promoted:
         client.set_registered_model_alias(registered_name, ALIAS_CHAMPION, version)
+    client.set_model_version_tag(registered_name, version, "pxpo.gate", ("promoted: " if promoted else "not promoted: ") + reason)
     return {
         "version": version,
         "reused_version": reused,
@@ -160,11 +386,20 @@ def register_policy(model_uri: str, registered_name: str, *, metrics: dict, prim
         "champion_version": version if promoted else champ_version,
         "champion_metric": challenger_metric if promoted else champ_metric,
         "challenger_metric": challenger_metric,
+        "previous_champion_version": champ_version,
+        "previous_champion_metric": champ_metric,
         "primary_metric": primary_metric,
     }
 
 
-def load_registered_pipeline(model_uri: str):
-    """A diffusers pipeline (base + policy) from a registered model, e.g. ``models:/pxpo-digits@champion``."""
-    model = mlflow.pyfunc.load_model(model_uri)
+def load_registered_pipeline(model_uri: str, device: str = "cpu", dtype: str = "float32"):
+    """A diffusers pipeline (base + policy) from a logged or registered model.
+
+    ``model_uri``: e.g. ``models:/pxpo-digits@champion``, ``models:/pxpo-digits/3``
+    or the ``models:/m-...`` URI :func:`log_policy_model` returned.
+    ``device`` ``"auto"`` picks CUDA when present; ``dtype`` as in ``model.dtype``.
+    """
+    if not isinstance(dtype, str):  # a torch.dtype
+        dtype = str(dtype).removeprefix("torch.")
+    model = mlflow.pyfunc.load_model(model_uri, model_config={"device": device, "dtype": dtype})
     return model.unwrap_python_model().pipe

@@ -1,32 +1,86 @@
 """MLflow tracking adapter (the edge): a :class:`pxpo.tracking.Tracker` backed by MLflow.
 
 ``import pxpo.tracking_mlflow`` does not import mlflow; it is imported when a
-tracker is created.
+tracker is created (mlflow is an optional dependency, extra ``pipeline``).
+
+Local default: a SQLite store (``<root>/mlruns.db``, full model registry, no
+server) with artifacts in ``<root>/mlartifacts``. MLflow's SQLite store puts
+the artifacts of experiments created without an ``artifact_location`` under
+``./mlruns`` of whatever directory the process happens to run in, so every
+experiment pxpo creates against a SQLite URI gets an explicit location
+(:func:`ensure_experiment`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
+import numbers
 import os
+import posixpath
+import re
+import shutil
 import subprocess
+import tempfile
+import time
+import warnings
 from pathlib import Path
 
 from . import __version__
 
+# MLflow's limits (mlflow.utils.validation, 3.x)
+MAX_KEY_LENGTH = 250
+MAX_PARAM_VALUE_LENGTH = 6000
+MAX_TAG_VALUE_LENGTH = 8000
+MAX_PARAMS_TAGS_PER_BATCH = 100
+MAX_METRICS_PER_BATCH = 1000
+
+_BAD_KEY_CHARS = re.compile(r"[^/\w.\- :]")
+
 
 def default_tracking_uri(root: Path) -> str:
-    """``$MLFLOW_TRACKING_URI`` if set, else a SQLite store (full model registry, no server) under ``root``."""
+    """``$MLFLOW_TRACKING_URI`` if set, else ``sqlite:///<root>/mlruns.db`` (absolute path).
+
+    Artifacts of experiments pxpo creates there go to ``<root>/mlartifacts``.
+    A store created by an earlier pxpo under the name ``mlflow.db`` is kept.
+    """
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         return uri
-    root = Path(root).resolve()
+    root = Path(root).expanduser().resolve()
     root.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{root / 'mlflow.db'}"
+    db = root / "mlflow.db" if (root / "mlflow.db").is_file() and not (root / "mlruns.db").exists() else root / "mlruns.db"
+    return f"sqlite:///{db}"
+
+
+def artifact_location_for(tracking_uri: str) -> str | None:
+    """``<dir of the database>/mlartifacts`` (a file URI) for a SQLite URI; None otherwise (the server decides)."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    db = Path(tracking_uri[len("sqlite:///"):].split("?", 1)[0])
+    return (db.expanduser().resolve().parent / "mlartifacts").as_uri()
+
+
+def ensure_experiment(name: str, tracking_uri: str | None = None) -> str:
+    """Id of experiment ``name``; created (with artifacts beside a SQLite store) if missing."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    uri = tracking_uri or mlflow.get_tracking_uri()
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location_for(uri))
+    except MlflowException:  # created concurrently by another process
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
-    """Nested dict -> dotted keys (``train.learning_rate``)."""
+    """Nested dict -> dotted keys (``train.learning_rate``); empty dicts stay as values."""
     out = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
@@ -37,37 +91,123 @@ def flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def standard_tags(repo_root: Path) -> dict:
-    """git commit, dvc.lock hash (and the data hashes in it), KFP run id, pxpo version."""
-    tags = {"pxpo.version": __version__}
-    try:
-        tags["git.commit"] = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=repo_root, capture_output=True, text=True, timeout=10, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        tags["git.commit"] = "unknown"
-    lock = Path(repo_root) / "dvc.lock"
-    if lock.is_file():
-        import yaml
+def clean_key(key) -> str:
+    """A valid MLflow param/metric/tag key: allowed characters only, at most 250 characters."""
+    k = _BAD_KEY_CHARS.sub("_", str(key)).strip("/") or "_"
+    if posixpath.normpath(k) != k or k in (".", "..") or k.startswith(".."):
+        k = k.replace("/", "_")
+        if k.startswith("."):
+            k = "_" + k[1:]
+    return k[:MAX_KEY_LENGTH]
 
+
+def _truncate(value, limit: int) -> str:
+    s = value if isinstance(value, str) else str(value)
+    return s if len(s) <= limit else s[: limit - 3] + "..."
+
+
+def _as_float(v) -> float | None:
+    """A metric value from a Python / numpy / torch scalar (bools as 0/1); None for anything else."""
+    if isinstance(v, numbers.Real):  # numpy scalars register as numbers.Real too
+        return float(v)
+    try:
+        if callable(getattr(v, "numel", None)) and v.numel() == 1:  # torch tensor
+            return float(v.item())
+        if getattr(v, "size", None) == 1 and callable(getattr(v, "item", None)):  # numpy array
+            out = v.item()
+            return float(out) if isinstance(out, numbers.Real) else None
+    except (TypeError, ValueError, RuntimeError):
+        return None
+    return None
+
+
+def _git(repo_root: Path, *args: str) -> str | None:
+    try:
+        r = subprocess.run(["git", *args], cwd=repo_root, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return r.stdout.strip() if r.returncode == 0 else None
+
+
+def _dvc_data(lock_text: bytes) -> str | None:
+    """``path=hash;...`` over the outs of every stage in dvc.lock (dvc 2 and 3 formats)."""
+    import yaml
+
+    try:
+        stages = (yaml.safe_load(lock_text) or {}).get("stages") or {}
+        items = []
+        for stage in stages.values():
+            for o in stage.get("outs") or []:
+                # dvc 3: {path, hash: md5, md5: <value>}; dvc 2: {path, md5}; cloud outs: etag/checksum
+                h = o.get("md5") or o.get("etag") or o.get("checksum") or ""
+                items.append(f"{o['path']}={h}")
+    except (yaml.YAMLError, AttributeError, KeyError, TypeError):
+        return None
+    return ";".join(items) if items else None
+
+
+def standard_tags(repo_root: Path) -> dict:
+    """Provenance tags for a run.
+
+    ``git.commit`` (``"unknown"`` outside a git checkout) and ``git.dirty``;
+    ``dvc.lock.sha256`` and ``dvc.data`` (``path=md5;...`` of the outs in
+    dvc.lock) when ``repo_root/dvc.lock`` exists; ``kfp.run_id`` from
+    ``$KFP_RUN_ID`` (the pipeline sets it, e.g. from the pod label
+    ``pipeline/runid``), ``kfp.run_name`` from ``$KFP_RUN_NAME``, and
+    ``kfp.pod_name`` / ``kfp.pod_uid`` that the KFP v2 launcher injects;
+    ``pxpo.version``.
+    """
+    repo_root = Path(repo_root)
+    tags = {"pxpo.version": __version__}
+    commit = _git(repo_root, "rev-parse", "HEAD")
+    tags["git.commit"] = commit or "unknown"
+    if commit:
+        status = _git(repo_root, "status", "--porcelain", "--untracked-files=no")
+        if status is not None:
+            tags["git.dirty"] = "true" if status else "false"
+    lock = repo_root / "dvc.lock"
+    if lock.is_file():
         text = lock.read_bytes()
         tags["dvc.lock.sha256"] = hashlib.sha256(text).hexdigest()
-        try:
-            stages = (yaml.safe_load(text) or {}).get("stages", {})
-            outs = [f"{o['path']}={o.get('md5') or o.get('hash', '')}" for s in stages.values() for o in s.get("outs", [])]
-            tags["dvc.data"] = ";".join(outs)[:4900]
-        except (yaml.YAMLError, AttributeError, KeyError, TypeError):
-            pass
-    for var in ("KFP_RUN_ID", "KFP_POD_NAME"):
+        data = _dvc_data(text)
+        if data:
+            tags["dvc.data"] = _truncate(data, MAX_TAG_VALUE_LENGTH)
+    for var, tag in (("KFP_RUN_ID", "kfp.run_id"), ("KFP_RUN_NAME", "kfp.run_name"),
+                     ("KFP_POD_NAME", "kfp.pod_name"), ("KFP_POD_UID", "kfp.pod_uid")):
         if os.environ.get(var):
-            tags["kfp.run_id" if var == "KFP_RUN_ID" else "kfp.pod"] = os.environ[var]
+            tags[tag] = os.environ[var]
     return tags
 
 
-class MlflowTracker:
-    """Tracker protocol on MLflow: params flattened, metrics per step, artifacts and images.
+def _image_array(img):
+    """numpy / torch image -> HWC (or HW) uint8 numpy array."""
+    import numpy as np
 
-    Use as ``with tracker.start(run_name=...): ...``.
+    if hasattr(img, "detach"):  # torch tensor
+        img = img.detach().cpu().float().numpy()
+    a = np.asarray(img)
+    if a.ndim == 4 and a.shape[0] == 1:
+        a = a[0]
+    if a.ndim == 3 and a.shape[0] in (1, 3, 4) and a.shape[-1] not in (1, 3, 4):
+        a = np.moveaxis(a, 0, -1)  # CHW -> HWC
+    if a.ndim == 3 and a.shape[-1] == 1:
+        a = a[..., 0]
+    if a.dtype != np.uint8:
+        a = np.clip(np.round(a.astype(np.float64) * 255.0), 0, 255).astype(np.uint8)
+    return a
+
+
+class MlflowTracker:
+    """Tracker protocol on MLflow: params flattened, metrics per step, tags, artifacts and images.
+
+    Either ``with tracker.start(run_name="r"): ...`` or ``with MlflowTracker(...) as t:``,
+    or ``tracker.start(...)`` / ``tracker.end()``. The run is also MLflow's active
+    run (fluent API), so ``mlflow.pyfunc.log_model`` inside it attaches to it.
+
+    Args:
+        experiment: experiment name (created if missing; beside the database for SQLite).
+        tracking_uri: store URI; sets the process-wide tracking URI (default:
+            the current one, ``$MLFLOW_TRACKING_URI`` or MLflow's default).
     """
 
     def __init__(self, experiment: str = "pxpo", tracking_uri: str | None = None):
@@ -76,49 +216,146 @@ class MlflowTracker:
         self._mlflow = mlflow
         if tracking_uri:
             mlflow.set_tracking_uri(tracking_uri)
-        self.client = mlflow.MlflowClient()
-        exp = self.client.get_experiment_by_name(experiment)
-        if exp is None:
-            uri = mlflow.get_tracking_uri()
-            location = None
-            if uri.startswith("sqlite:///"):  # keep artifacts beside the database, not in ./mlruns
-                location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
-            self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
-        else:
-            self.experiment_id = exp.experiment_id
-        self.run_id: str | None = None
+        self.tracking_uri = mlflow.get_tracking_uri()
+        self.client = mlflow.MlflowClient(self.tracking_uri)
+        self.experiment_id = ensure_experiment(experiment, self.tracking_uri)
+        self.run_id: str | None = None  # the open run, or the last one after end()
+        self._open = False
 
-    @contextlib.contextmanager
-    def start(self, run_name: str | None = None, nested: bool = False):
-        with self._mlflow.start_run(experiment_id=self.experiment_id, run_name=run_name, nested=nested) as run:
-            self.run_id = run.info.run_id
-            yield self
+    # ----- run lifecycle -----------------------------------------------------
+
+    def start(self, run_name: str | None = None, nested: bool = False, parent_run_id: str | None = None,
+              tags: dict | None = None, run_id: str | None = None) -> MlflowTracker:
+        """Start (or with ``run_id`` resume) a run; returns self (usable as a context manager).
+
+        ``nested=True`` makes it a child of the active run; ``parent_run_id`` a
+        child of that run (which must be the active run if there is one).
+        """
+        if self._open:
+            raise RuntimeError(f"MlflowTracker already has run {self.run_id} open; call end() first")
+        run = self._mlflow.start_run(
+            run_id=run_id,
+            experiment_id=None if run_id else self.experiment_id,
+            run_name=run_name,
+            nested=nested or (parent_run_id is not None and self._mlflow.active_run() is not None),
+            parent_run_id=parent_run_id,
+            tags={k: _truncate(v, MAX_TAG_VALUE_LENGTH) for k, v in (tags or {}).items()} or None,
+        )
+        self.run_id = run.info.run_id
+        self._open = True
+        return self
+
+    def end(self, status: str = "FINISHED") -> None:
+        """End the run (``FINISHED``, ``FAILED`` or ``KILLED``); no-op when none is open.
+
+        ``run_id`` keeps the id of the ended run.
+        """
+        if not self._open:
+            return
+        active = self._mlflow.active_run()
+        if active is not None and active.info.run_id == self.run_id:
+            self._mlflow.end_run(status=status)
+        else:  # ended elsewhere or not the top of the fluent stack
+            self.client.set_terminated(self.run_id, status=status)
+        self._open = False
+
+    def __enter__(self) -> MlflowTracker:
+        if not self._open:
+            self.start()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.end("FINISHED" if exc_type is None else ("KILLED" if exc_type is KeyboardInterrupt else "FAILED"))
+
+    def _run(self) -> str:
+        if self.run_id is None:
+            raise RuntimeError("no MLflow run: use `with tracker.start(run_name=...):` first")
+        return self.run_id
+
+    # ----- Tracker protocol --------------------------------------------------
 
     def log_params(self, params: dict) -> None:
-        from mlflow.entities import Param
+        """Flatten (dotted keys), stringify, truncate to MLflow's limits, log in batches of 100.
 
-        flat = [Param(k[:250], str(v)[:6000]) for k, v in flatten(params).items()]
-        for i in range(0, len(flat), 100):
-            self.client.log_batch(self.run_id, params=flat[i : i + 100])
+        Re-logging an identical value is a no-op; a changed value (params are
+        immutable in MLflow) is kept as tag ``pxpo.param_changed.<key>`` with a warning.
+        """
+        from mlflow.entities import Param, RunTag
+
+        run_id = self._run()
+        flat: dict[str, str] = {}
+        for k, v in flatten(params).items():
+            flat[clean_key(k)] = _truncate(v, MAX_PARAM_VALUE_LENGTH)
+        existing = self.client.get_run(run_id).data.params
+        new = [Param(k, v) for k, v in flat.items() if k not in existing]
+        changed = {k: v for k, v in flat.items() if k in existing and existing[k] != v}
+        for i in range(0, len(new), MAX_PARAMS_TAGS_PER_BATCH):
+            self.client.log_batch(run_id, params=new[i : i + MAX_PARAMS_TAGS_PER_BATCH])
+        if changed:
+            warnings.warn(f"MLflow params are immutable; changed values kept as tags: {sorted(changed)[:5]}", stacklevel=2)
+            tags = [RunTag(clean_key(f"pxpo.param_changed.{k}"), _truncate(v, MAX_TAG_VALUE_LENGTH)) for k, v in changed.items()]
+            for i in range(0, len(tags), MAX_PARAMS_TAGS_PER_BATCH):
+                self.client.log_batch(run_id, tags=tags[i : i + MAX_PARAMS_TAGS_PER_BATCH])
 
     def log_metrics(self, metrics: dict, step: int) -> None:
-        import time
-
+        """Numeric values (Python, numpy or torch scalars; nested dicts flattened) at ``step``; others skipped."""
         from mlflow.entities import Metric
 
+        run_id = self._run()
         now = int(time.time() * 1000)
-        ms = [Metric(k, float(v), now, int(step)) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
-        for i in range(0, len(ms), 500):
-            self.client.log_batch(self.run_id, metrics=ms[i : i + 500])
+        ms = []
+        for k, v in flatten(metrics).items():
+            f = _as_float(v)
+            if f is not None:
+                ms.append(Metric(clean_key(k), f, now, int(step)))
+        for i in range(0, len(ms), MAX_METRICS_PER_BATCH):
+            self.client.log_batch(run_id, metrics=ms[i : i + MAX_METRICS_PER_BATCH])
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        """A file, or a directory's contents (under ``artifact_path``, default its name)."""
+        p = Path(path)
+        if p.is_dir():
+            self.client.log_artifacts(self._run(), str(p), artifact_path=artifact_path or p.name)
+        else:
+            self.client.log_artifact(self._run(), str(p), artifact_path=artifact_path)
+
+    # ----- extras --------------------------------------------------------------
 
     def set_tags(self, tags: dict) -> None:
-        for k, v in tags.items():
-            self.client.set_tag(self.run_id, k, str(v))
+        """Tags (values stringified, truncated to 8000 characters), batched."""
+        from mlflow.entities import RunTag
 
-    def log_artifact(self, path: Path) -> None:
-        self.client.log_artifact(self.run_id, str(path))
+        run_id = self._run()
+        items = [RunTag(clean_key(k), _truncate(v, MAX_TAG_VALUE_LENGTH)) for k, v in tags.items() if v is not None]
+        for i in range(0, len(items), MAX_PARAMS_TAGS_PER_BATCH):
+            self.client.log_batch(run_id, tags=items[i : i + MAX_PARAMS_TAGS_PER_BATCH])
 
-    def log_image(self, path: Path, name: str) -> None:
-        from PIL import Image
+    def log_image(self, path_or_array, name: str, step: int | None = None) -> None:
+        """An image file (copied byte for byte) or array (HW, HWC or CHW; uint8, or float in [0, 1]).
 
-        self._mlflow.log_image(Image.open(path), artifact_file=f"images/{name}")
+        Stored as ``images/<name>`` (``.png`` added when ``name`` has no
+        extension); with ``step``, logged as the step of image series ``name``
+        (MLflow's image-over-time view) instead.
+        """
+        run_id = self._run()
+        if isinstance(path_or_array, (str, os.PathLike)):
+            src = Path(path_or_array)
+            if step is not None:
+                from PIL import Image
+
+                with Image.open(src) as im:
+                    self.client.log_image(run_id, im.convert("RGB"), key=clean_key(name), step=int(step))
+                return
+            fname = name if Path(name).suffix else name + (src.suffix or ".png")
+            with tempfile.TemporaryDirectory() as tmp:
+                dst = Path(tmp) / Path(fname).name
+                shutil.copyfile(src, dst)
+                sub = posixpath.join("images", posixpath.dirname(fname)).rstrip("/")
+                self.client.log_artifact(run_id, str(dst), artifact_path=sub)
+            return
+        arr = _image_array(path_or_array)
+        if step is not None:
+            self.client.log_image(run_id, arr, key=clean_key(name), step=int(step))
+        else:
+            fname = name if Path(name).suffix else name + ".png"
+            self.client.log_image(run_id, arr, artifact_file=f"images/{fname}")
