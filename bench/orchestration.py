@@ -107,7 +107,9 @@ def main(argv=None):
     for m in ("base", "lcm"):
         if not (ROOT / "models" / m / "model_index.json").is_file():
             sys.exit(f"models/{m} missing: run `pxpo base build` and `pxpo base distill-lcm` first")
-    res = {"threads": os.environ.get("OMP_NUM_THREADS", "default"), "cpus": os.cpu_count()}
+    res = {"threads": os.environ.get("OMP_NUM_THREADS", "default"), "cpus": os.cpu_count(),
+           # 1: Great Expectations imported in a worker process in parallel with the stage (the default); 0: in-process
+           "ge_worker": os.environ.get("PXPO_GE_WORKER", "1")}
     with tempfile.TemporaryDirectory() as d:
         if not a.skip_kfp:
             res["kfp_local"] = run_kfp(Path(d))

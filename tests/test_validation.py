@@ -84,3 +84,35 @@ def test_check_saves_and_raises(tmp_path):
     ok = validate_prompts(_prompts())
     check(ok, tmp_path / "ok.json")
     assert json.loads((tmp_path / "ok.json").read_text())["success"] is True
+
+
+def test_ge_worker_process_gives_the_same_report(monkeypatch):
+    """Suites run in the spawned GE worker give the report the in-process run gives."""
+    import os
+    from dataclasses import asdict
+
+    import pxpo.validation as v
+
+    df = _prompts(prompt=["a cat", "A  Cat", "a bird", "a fish"])
+    v.stop_worker()
+    inline = v.validate_prompts(df)
+    v.start_worker()
+    try:
+        assert v._POOL is not None
+        assert v._POOL.submit(os.getpid).result() != os.getpid()
+        remote = v.validate_prompts(df)
+        ok = v.validate_prompts(_prompts())
+    finally:
+        v.stop_worker()
+    assert inline.success is False and remote.success is False and ok.success
+    assert [asdict(f) for f in remote.failures] == [asdict(f) for f in inline.failures]
+    assert remote.evaluated == inline.evaluated
+
+
+def test_ge_worker_can_be_turned_off(monkeypatch):
+    import pxpo.validation as v
+
+    v.stop_worker()
+    monkeypatch.setenv("PXPO_GE_WORKER", "0")
+    v.start_worker()
+    assert v._POOL is None

@@ -481,6 +481,11 @@ def main(argv: list[str] | None = None) -> int:
     from .timing import timed
 
     name = " ".join(a for a in (args.command, getattr(args, "base_command", None), getattr(args, "pipeline_command", None)) if a)
+    if args.command in ("prepare", "evaluate") or getattr(args, "validate", False):
+        # Great Expectations takes ~5 s to import: let a worker process do it while the stage loads and computes
+        from .validation import start_worker
+
+        start_worker()
     try:
         with timed(f"stage:{name}"):
             return args.fn(args)

@@ -9,7 +9,13 @@ A failed suite stops its stage: :func:`check` saves the full result as JSON and
 raises :class:`ValidationFailed` (a :class:`PxpoInputError`, exit code 2) with
 a summary naming each failed expectation and the offending rows.
 
-Great Expectations is imported lazily (about 6 s), only by validating stages.
+Great Expectations is imported lazily (about 5 s), only by validating stages.
+A stage that will validate calls :func:`start_worker` first: GE is then
+imported in a separate (spawned) process while the stage loads its model and
+computes, and the suite runs there; the stage only pickles a small per-sample
+DataFrame across. ``PXPO_GE_WORKER=0`` validates in-process instead.
+Expectations are plain specs ``(class name, kwargs)`` so that building them
+needs no GE import.
 """
 
 from __future__ import annotations
@@ -23,6 +29,12 @@ from .errors import PxpoInputError
 
 _CTX = None
 _N = 0
+_POOL = None  # the GE worker process (concurrent.futures.ProcessPoolExecutor), if started
+
+
+def _spec(expectation: str, description: str, **kwargs) -> tuple[str, dict]:
+    """An expectation as data: GE class name and kwargs (``meta.description`` is the human sentence)."""
+    return expectation, {**kwargs, "meta": {"description": description}}
 
 
 @dataclass
@@ -94,6 +106,38 @@ def _context():
     return _CTX
 
 
+def _warm() -> int:
+    _context()
+    return os.getpid()
+
+
+def start_worker() -> None:
+    """Import Great Expectations in a spawned worker process now, in parallel with the caller.
+
+    Idempotent; does nothing when ``PXPO_GE_WORKER=0``. Later suites run in
+    that worker. A spawned (not forked) process: safe whatever threads torch
+    has started in the caller.
+    """
+    global _POOL
+    if _POOL is not None or os.environ.get("PXPO_GE_WORKER", "1") == "0":
+        return
+    import atexit
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    _POOL = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+    _POOL.submit(_warm)
+    atexit.register(stop_worker)
+
+
+def stop_worker() -> None:
+    """Shut the worker down (it is restarted by the next :func:`start_worker`)."""
+    global _POOL
+    pool, _POOL = _POOL, None
+    if pool is not None:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 def _timed_ge(fn):
     """Record the suite's wall time (GE import included) as orchestration cost ("ge")."""
     import functools
@@ -108,9 +152,22 @@ def _timed_ge(fn):
     return wrapper
 
 
-def run_suite(name: str, df, expectations: list) -> ValidationReport:
-    """Validate DataFrame ``df`` against ``expectations`` (GE expectation objects whose
-    ``meta["description"]`` is a human sentence)."""
+def run_suite(name: str, df, expectations: list[tuple[str, dict]]) -> ValidationReport:
+    """Validate DataFrame ``df`` against expectation specs (:func:`_spec`).
+
+    Runs in the GE worker when one was started (:func:`start_worker`), else here.
+    """
+    if _POOL is not None:
+        from concurrent.futures.process import BrokenProcessPool
+
+        try:
+            return _POOL.submit(_run_suite_here, name, df, expectations).result()
+        except BrokenProcessPool:  # the worker died (e.g. killed for memory): validate here
+            stop_worker()
+    return _run_suite_here(name, df, expectations)
+
+
+def _run_suite_here(name: str, df, expectations: list[tuple[str, dict]]) -> ValidationReport:
     global _N
     import great_expectations as gx
 
@@ -119,8 +176,8 @@ def run_suite(name: str, df, expectations: list) -> ValidationReport:
     ds = ctx.data_sources.add_pandas(name=f"pxpo_{name}_{_N}")
     batch = ds.add_dataframe_asset(name=name).add_batch_definition_whole_dataframe("all").get_batch(batch_parameters={"dataframe": df})
     suite = gx.ExpectationSuite(name=f"{name}_{_N}")
-    for e in expectations:
-        suite.add_expectation(e)
+    for cls, kwargs in expectations:
+        suite.add_expectation(getattr(gx.expectations, cls)(**kwargs))
     result = batch.validate(suite, result_format="COMPLETE")
     failures = []
     for r in result.results:
@@ -139,17 +196,14 @@ def run_suite(name: str, df, expectations: list) -> ValidationReport:
             )
         )
     return ValidationReport(
-        suite=name, success=bool(result.success), evaluated=len(result.results), failures=failures, ge_result=result.to_json_dict()
+        suite=name, success=bool(result.success), evaluated=len(result.results), failures=failures,
+        ge_result=json.loads(json.dumps(result.to_json_dict(), default=str)),
     )
 
 
 @_timed_ge
 def validate_prompts(df, *, min_length=1, max_length=300, min_heldout=1, max_heldout_fraction=0.5) -> ValidationReport:
     """Prompt dataset: columns prompt, weight, split (one row per prompt)."""
-    import great_expectations as gx
-    import pandas as pd
-
-    E = gx.expectations
     cols = ["prompt", "weight", "split"]
     missing = [c for c in cols if c not in df.columns]
     if missing:
@@ -164,25 +218,20 @@ def validate_prompts(df, *, min_length=1, max_length=300, min_heldout=1, max_hel
     d["train_count"] = int((d["split"] == "train").sum())
     d = d.reset_index(drop=True)
     ex = [
-        E.ExpectTableRowCountToBeBetween(min_value=1, meta={"description": "the dataset must not be empty"}),
-        E.ExpectColumnValuesToNotBeNull(column="prompt", meta={"description": "every row needs a prompt"}),
-        E.ExpectColumnValueLengthsToBeBetween(
-            column="prompt", min_value=min_length, max_value=max_length, meta={"description": f"prompt length must be {min_length}-{max_length} characters"}
-        ),
-        E.ExpectColumnValuesToBeUnique(column="prompt_norm", meta={"description": "prompts must be unique (ignoring case and whitespace)"}),
-        E.ExpectColumnValuesToNotBeNull(column="weight", meta={"description": "weights must be numbers"}),
-        E.ExpectColumnValuesToBeBetween(column="weight", min_value=0, strict_min=True, meta={"description": "weights must be > 0"}),
-        E.ExpectColumnValuesToBeInSet(column="split", value_set=["train", "heldout"], meta={"description": "split must be train or heldout"}),
+        _spec("ExpectTableRowCountToBeBetween", "the dataset must not be empty", min_value=1),
+        _spec("ExpectColumnValuesToNotBeNull", "every row needs a prompt", column="prompt"),
+        _spec("ExpectColumnValueLengthsToBeBetween", f"prompt length must be {min_length}-{max_length} characters", column="prompt", min_value=min_length, max_value=max_length),
+        _spec("ExpectColumnValuesToBeUnique", "prompts must be unique (ignoring case and whitespace)", column="prompt_norm"),
+        _spec("ExpectColumnValuesToNotBeNull", "weights must be numbers", column="weight"),
+        _spec("ExpectColumnValuesToBeBetween", "weights must be > 0", column="weight", min_value=0, strict_min=True),
+        _spec("ExpectColumnValuesToBeInSet", "split must be train or heldout", column="split", value_set=["train", "heldout"]),
     ]
     if n:
         ex += [
-            E.ExpectColumnMinToBeBetween(column="heldout_count", min_value=min_heldout, meta={"description": f"at least {min_heldout} held-out prompt(s)"}),
-            E.ExpectColumnMaxToBeBetween(
-                column="heldout_fraction", max_value=max_heldout_fraction, meta={"description": f"at most {max_heldout_fraction:.0%} of prompts held out"}
-            ),
-            E.ExpectColumnMinToBeBetween(column="train_count", min_value=1, meta={"description": "at least one training prompt"}),
+            _spec("ExpectColumnMinToBeBetween", f"at least {min_heldout} held-out prompt(s)", column="heldout_count", min_value=min_heldout),
+            _spec("ExpectColumnMaxToBeBetween", f"at most {max_heldout_fraction:.0%} of prompts held out", column="heldout_fraction", max_value=max_heldout_fraction),
+            _spec("ExpectColumnMinToBeBetween", "at least one training prompt", column="train_count", min_value=1),
         ]
-    del pd
     return run_suite("prompts", d, ex)
 
 
@@ -198,11 +247,9 @@ def _per_sample(t) -> "object":
 @_timed_ge
 def validate_reward_maps(maps, *, num_samples: int, height: int, width: int, value_range=None) -> ValidationReport:
     """Reward maps (N, H, W): one finite map of the image size per sample (optionally in range)."""
-    import great_expectations as gx
     import numpy as np
     import pandas as pd
 
-    E = gx.expectations
     a = _per_sample(maps)
     if a.ndim != 3:
         return ValidationReport("reward_maps", False, 1, [Failure("shape", None, "reward maps must be (N, H, W)", observed=list(a.shape))])
@@ -219,16 +266,16 @@ def validate_reward_maps(maps, *, num_samples: int, height: int, width: int, val
         }
     )
     ex = [
-        E.ExpectTableRowCountToEqual(value=num_samples, meta={"description": f"one map per sample ({num_samples})"}),
-        E.ExpectColumnValuesToBeBetween(column="height", min_value=height, max_value=height, meta={"description": f"map height must be {height}"}),
-        E.ExpectColumnValuesToBeBetween(column="width", min_value=width, max_value=width, meta={"description": f"map width must be {width}"}),
-        E.ExpectColumnValuesToBeBetween(column="n_nonfinite", max_value=0, meta={"description": "maps must be finite (no NaN/inf)"}),
+        _spec("ExpectTableRowCountToEqual", f"one map per sample ({num_samples})", value=num_samples),
+        _spec("ExpectColumnValuesToBeBetween", f"map height must be {height}", column="height", min_value=height, max_value=height),
+        _spec("ExpectColumnValuesToBeBetween", f"map width must be {width}", column="width", min_value=width, max_value=width),
+        _spec("ExpectColumnValuesToBeBetween", "maps must be finite (no NaN/inf)", column="n_nonfinite", max_value=0),
     ]
     if value_range is not None:
         lo, hi = value_range
         ex += [
-            E.ExpectColumnValuesToBeBetween(column="min", min_value=lo, meta={"description": f"values must be >= {lo}"}),
-            E.ExpectColumnValuesToBeBetween(column="max", max_value=hi, meta={"description": f"values must be <= {hi}"}),
+            _spec("ExpectColumnValuesToBeBetween", f"values must be >= {lo}", column="min", min_value=lo),
+            _spec("ExpectColumnValuesToBeBetween", f"values must be <= {hi}", column="max", max_value=hi),
         ]
     return run_suite("reward_maps", df, ex)
 
@@ -236,11 +283,9 @@ def validate_reward_maps(maps, *, num_samples: int, height: int, width: int, val
 @_timed_ge
 def validate_trajectories(latents, log_probs, timesteps, num_samples: int | None = None) -> ValidationReport:
     """Trajectories: latents (N, T+1, ...), log_probs (N, T, ...), timesteps (T,), all finite."""
-    import great_expectations as gx
     import numpy as np
     import pandas as pd
 
-    E = gx.expectations
     lat, lp = _per_sample(latents), _per_sample(log_probs)
     t = len(_per_sample(timesteps))
     df = pd.DataFrame(
@@ -253,13 +298,13 @@ def validate_trajectories(latents, log_probs, timesteps, num_samples: int | None
         }
     )
     ex = [
-        E.ExpectColumnValuesToBeBetween(column="steps", min_value=t + 1, max_value=t + 1, meta={"description": f"T+1 = {t + 1} latents per sample"}),
-        E.ExpectColumnValuesToBeBetween(column="logp_steps", min_value=t, max_value=t, meta={"description": f"T = {t} log-probs per sample"}),
-        E.ExpectColumnValuesToBeBetween(column="latent_nonfinite", min_value=0, max_value=0, meta={"description": "latents must be finite"}),
-        E.ExpectColumnValuesToBeBetween(column="logp_nonfinite", min_value=0, max_value=0, meta={"description": "log-probs must be finite"}),
+        _spec("ExpectColumnValuesToBeBetween", f"T+1 = {t + 1} latents per sample", column="steps", min_value=t + 1, max_value=t + 1),
+        _spec("ExpectColumnValuesToBeBetween", f"T = {t} log-probs per sample", column="logp_steps", min_value=t, max_value=t),
+        _spec("ExpectColumnValuesToBeBetween", "latents must be finite", column="latent_nonfinite", min_value=0, max_value=0),
+        _spec("ExpectColumnValuesToBeBetween", "log-probs must be finite", column="logp_nonfinite", min_value=0, max_value=0),
     ]
     if num_samples is not None:
-        ex.append(E.ExpectTableRowCountToEqual(value=num_samples, meta={"description": f"{num_samples} trajectories"}))
+        ex.append(_spec("ExpectTableRowCountToEqual", f"{num_samples} trajectories", value=num_samples))
     return run_suite("trajectories", df, ex)
 
 
