@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# Build docker/Dockerfile.cpu without a Docker engine and run `pxpo --help` in the image.
+#
+#   sudo bash docker/build-check.sh            # prints what it ran; exit 0 = the image built and runs
+#
+# Needs root, buildah (Debian: apt-get install buildah debootstrap) and a
+# reachable PyPI. Uses buildah with --isolation chroot and the vfs storage
+# driver, which work inside an unprivileged container. When the base image
+# python:3.11-slim-bookworm cannot be pulled (no registry), a stand-in is made
+# from Debian bookworm with debootstrap (python3 in /usr/bin; the Dockerfile
+# only calls `python3`) and cached in $PXPO_BUILD_CACHE (default
+# ~/.cache/pxpo-build). When download.pytorch.org is unreachable, torch
+# 2.13.0+cpu comes from a local wheel (/opt/wheels or $PXPO_TORCH_WHEEL_DIR)
+# through a file:// simple index; its dependencies from PyPI.
+# The Dockerfile itself is built unchanged.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+B=(buildah --storage-driver vfs)
+BASE=docker.io/library/python:3.11-slim-bookworm
+VERSION=$(sed -n 's/^__version__ = "\(.*\)"/\1/p' src/pxpo/__init__.py)
+TAG=localhost/pxpo-cpu:${VERSION}-check
+CACHE=${PXPO_BUILD_CACHE:-$HOME/.cache/pxpo-build}
+WHEELS=${PXPO_TORCH_WHEEL_DIR:-/opt/wheels}
+mkdir -p "$CACHE"
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+t0=$SECONDS
+
+# 1. the base image: pulled, already present, or a local stand-in
+if ! "${B[@]}" inspect --type image "$BASE" >/dev/null 2>&1 \
+   && ! timeout 60 "${B[@]}" pull -q "$BASE" >/dev/null 2>&1; then
+  if [ ! -s "$CACHE/rootfs-bookworm.tar" ]; then
+    echo "== debootstrap bookworm (stand-in for $BASE)"
+    debootstrap --variant=minbase --include=python3,python3-venv,python3-pip bookworm "$work/rootfs" \
+      http://deb.debian.org/debian >"$work/debootstrap.log" 2>&1 || { tail -20 "$work/debootstrap.log"; exit 1; }
+    tar -C "$work/rootfs" -cf "$CACHE/rootfs-bookworm.tar.part" .
+    mv "$CACHE/rootfs-bookworm.tar.part" "$CACHE/rootfs-bookworm.tar"
+    rm -rf "$work/rootfs"
+  fi
+  mkdir "$work/base"
+  ln "$CACHE/rootfs-bookworm.tar" "$work/base/rootfs.tar" 2>/dev/null || cp "$CACHE/rootfs-bookworm.tar" "$work/base/rootfs.tar"
+  printf 'FROM scratch\nADD rootfs.tar /\nCMD ["/bin/sh"]\n' >"$work/base/Containerfile"
+  "${B[@]}" bud -q --isolation chroot -f "$work/base/Containerfile" -t "$BASE" "$work/base" >/dev/null
+  echo "== base stand-in $BASE ready ($((SECONDS - t0)) s)"
+fi
+
+# 2. where torch comes from
+args=()
+if ! timeout 20 curl -fsI https://download.pytorch.org/whl/cpu/torch/ >/dev/null 2>&1; then
+  whl=$(ls "$WHEELS"/torch-2.13.0+cpu-cp311-*.whl 2>/dev/null | head -1)
+  [ -n "$whl" ] || { echo "download.pytorch.org unreachable and no torch-2.13.0+cpu wheel in $WHEELS"; exit 1; }
+  # a simple index: torch from the local wheel, everything else redirected to PyPI
+  mkdir -p "$work/idx/simple/torch"
+  printf '<a href="file:///wheels/%s">%s</a>\n' "$(basename "$whl")" "$(basename "$whl")" >"$work/idx/simple/torch/index.html"
+  python3 - "$work/idx/simple" <<'EOF'
+import pathlib, sys, urllib.request
+root = pathlib.Path(sys.argv[1])
+# torch 2.13.0's runtime requirements (CPU build), as PyPI project pages
+for name in ["filelock", "typing-extensions", "sympy", "mpmath", "networkx", "jinja2", "markupsafe", "fsspec", "setuptools"]:
+    page = urllib.request.urlopen(f"https://pypi.org/simple/{name}/", timeout=60).read().decode()
+    (root / name).mkdir(parents=True, exist_ok=True)
+    (root / name / "index.html").write_text(page)
+EOF
+  args+=(-v "$(dirname "$whl"):/wheels:ro" -v "$work/idx:/idx:ro" --build-arg TORCH_INDEX_URL=file:///idx/simple)
+fi
+
+# 3. the real Dockerfile, unchanged
+echo "== buildah bud docker/Dockerfile.cpu -> $TAG"
+"${B[@]}" bud --isolation chroot --pull=never --layers=false "${args[@]}" \
+  -f docker/Dockerfile.cpu -t "$TAG" . >"$work/build.log" 2>&1 || { tail -40 "$work/build.log"; exit 1; }
+grep -E "^pxpo [0-9]|No broken requirements" "$work/build.log" || true
+echo "== built in $((SECONDS - t0)) s"
+
+# 4. run it: the default command (pxpo --help), the user, the package version
+c=$("${B[@]}" from -q "$TAG")
+trap '"${B[@]}" rm "$c" >/dev/null 2>&1 || true; rm -rf "$work"' EXIT
+run() { "${B[@]}" run --isolation chroot --user 10001:10001 "$c" -- "$@"; }
+run pxpo --help | head -3
+uid=$(run id -u)
+ver=$(run pxpo --version)
+user=$("${B[@]}" inspect --type image --format '{{.OCIv1.Config.User}}' "$TAG")
+label=$("${B[@]}" inspect --type image --format '{{index .OCIv1.Config.Labels "org.opencontainers.image.version"}}' "$TAG")
+echo "uid=$uid version='$ver' image user=$user label=$label"
+[ "$uid" = 10001 ] && [ "$ver" = "pxpo $VERSION" ] && [ "$user" = 10001:10001 ] && [ "$label" = "$VERSION" ]
+echo "== image check passed in $((SECONDS - t0)) s"
