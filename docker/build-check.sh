@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Build docker/Dockerfile.cpu without a Docker engine and run `pxpo --help` in the image.
 #
-#   sudo bash docker/build-check.sh            # prints what it ran; exit 0 = the image built and runs
+#   sudo bash docker/build-check.sh   # exit 0: the image built and `pxpo` runs in it as uid 10001
+#
+# Also the opt-in test: PXPO_TEST_IMAGE_BUILD=1 bash scripts/test.sh tests/test_docker.py
 #
 # Needs root, buildah (Debian: apt-get install buildah debootstrap) and a
 # reachable PyPI. Uses buildah with --isolation chroot and the vfs storage
@@ -44,25 +46,49 @@ if ! "${B[@]}" inspect --type image "$BASE" >/dev/null 2>&1 \
   echo "== base stand-in $BASE ready ($((SECONDS - t0)) s)"
 fi
 
-# 2. where torch comes from
-args=()
+# 2. pip inside the build gets this machine's pip settings (`pip config list`
+#    and PIP_* variables: mirror indexes, find-links, constraints, a proxy's CA
+#    bundle) as /etc/pip.conf, with the local paths they name mounted
+#    read-only. When download.pytorch.org is unreachable, torch must come from
+#    a torch-2.13.0+cpu wheel in find-links; TORCH_INDEX_URL is then PyPI (the
+#    other indexes of the settings still apply).
+mapfile -t args < <(python3 - "$work/pip.conf" <<'EOF_PY'
+import os, re, subprocess, sys
+out = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True).stdout
+conf = {}
+for line in out.splitlines():
+    m = re.match(r"^(?:global|install|:env:)\.([\w-]+)='(.*)'$", line)
+    if m:
+        conf[m.group(1)] = m.group(2)
+for k, v in os.environ.items():
+    if k.startswith("PIP_"):
+        conf[k[4:].lower().replace("_", "-")] = v
+conf.pop("index-url", None)  # the Dockerfile chooses the index of torch; PyPI for the rest
+with open(sys.argv[1], "w") as f:
+    f.write("[global]\n" + "".join(f"{k} = {v}\n" for k, v in sorted(conf.items())))
+print("-v"); print(f"{sys.argv[1]}:/etc/pip.conf:ro")
+mounts = set()
+for v in conf.values():
+    for tok in v.split():
+        path = tok[len("file://"):] if tok.startswith("file://") else tok
+        if not path.startswith("/") or not os.path.exists(path):
+            continue
+        if os.path.isfile(path):
+            path = os.path.dirname(path) if not path.endswith(".crt") else path
+        elif os.path.basename(path.rstrip("/")) == "simple":
+            path = os.path.dirname(path.rstrip("/"))  # an index's files sit beside simple/
+        mounts.add(path)
+for m in sorted(mounts):
+    print("-v"); print(f"{m}:{m}:ro")
+EOF_PY
+)
 if ! timeout 20 curl -fsI https://download.pytorch.org/whl/cpu/torch/ >/dev/null 2>&1; then
-  whl=$(ls "$WHEELS"/torch-2.13.0+cpu-cp311-*.whl 2>/dev/null | head -1)
-  [ -n "$whl" ] || { echo "download.pytorch.org unreachable and no torch-2.13.0+cpu wheel in $WHEELS"; exit 1; }
-  # a simple index: torch from the local wheel, everything else redirected to PyPI
-  mkdir -p "$work/idx/simple/torch"
-  printf '<a href="file:///wheels/%s">%s</a>\n' "$(basename "$whl")" "$(basename "$whl")" >"$work/idx/simple/torch/index.html"
-  python3 - "$work/idx/simple" <<'EOF'
-import pathlib, sys, urllib.request
-root = pathlib.Path(sys.argv[1])
-# torch 2.13.0's runtime requirements (CPU build), as PyPI project pages
-for name in ["filelock", "typing-extensions", "sympy", "mpmath", "networkx", "jinja2", "markupsafe", "fsspec", "setuptools"]:
-    page = urllib.request.urlopen(f"https://pypi.org/simple/{name}/", timeout=60).read().decode()
-    (root / name).mkdir(parents=True, exist_ok=True)
-    (root / name / "index.html").write_text(page)
-EOF
-  args+=(-v "$(dirname "$whl"):/wheels:ro" -v "$work/idx:/idx:ro" --build-arg TORCH_INDEX_URL=file:///idx/simple)
+  grep -q "find-links.*$WHEELS" "$work/pip.conf" && ls "$WHEELS"/torch-2.13.0+cpu-cp311-*.whl >/dev/null 2>&1 \
+    || { echo "download.pytorch.org unreachable and no torch-2.13.0+cpu wheel in a find-links dir ($WHEELS)"; exit 1; }
+  args+=(--build-arg TORCH_INDEX_URL=https://pypi.org/simple)
 fi
+echo "== pip settings for the build:"; sed 's/^/   /' "$work/pip.conf"
+echo "== build args: ${args[*]}"
 
 # 3. the real Dockerfile, unchanged
 echo "== buildah bud docker/Dockerfile.cpu -> $TAG"
@@ -83,3 +109,6 @@ label=$("${B[@]}" inspect --type image --format '{{index .OCIv1.Config.Labels "o
 echo "uid=$uid version='$ver' image user=$user label=$label"
 [ "$uid" = 10001 ] && [ "$ver" = "pxpo $VERSION" ] && [ "$user" = 10001:10001 ] && [ "$label" = "$VERSION" ]
 echo "== image check passed in $((SECONDS - t0)) s"
+# the image is ~2.5 GB in vfs storage: removed unless PXPO_KEEP_IMAGE=1
+"${B[@]}" rm "$c" >/dev/null 2>&1 || true
+[ "${PXPO_KEEP_IMAGE:-0}" = 1 ] || "${B[@]}" rmi "$TAG" >/dev/null

