@@ -478,6 +478,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
+    if getattr(args, "quiet", False):  # also the model-loading bars of transformers / huggingface_hub / diffusers
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     from .timing import timed
 
     name = " ".join(a for a in (args.command, getattr(args, "base_command", None), getattr(args, "pipeline_command", None)) if a)

@@ -57,8 +57,13 @@ def load_pipeline(path: str, *, revision=None, variant=None, dtype=torch.float32
         if not (p / "model_index.json").is_file():
             raise PxpoInputError(f"model.path={path}", "no model_index.json: not a diffusers pipeline directory", fix)
         path = str(p)
+    import os
     import warnings
 
+    if os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS", "").lower() in ("1", "true", "yes", "on"):
+        from diffusers.utils import logging as diffusers_logging  # diffusers does not read that variable itself
+
+        diffusers_logging.disable_progress_bar()
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
