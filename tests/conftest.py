@@ -30,6 +30,23 @@ def tiny_model_dir(tmp_path_factory, tiny_pipe):
     return d
 
 
+
+@pytest.fixture(scope="session")
+def tiny_lcm_model_dir(tmp_path_factory, tiny_model_dir):
+    """The tiny pipeline with a w-embedding UNet and an LCMScheduler (a random 'consistency model')."""
+    import shutil
+
+    from diffusers import LCMScheduler, UNet2DConditionModel
+
+    d = tmp_path_factory.mktemp("models") / "tiny-lcm"
+    shutil.copytree(tiny_model_dir, d)
+    base = UNet2DConditionModel.from_pretrained(tiny_model_dir / "unet")
+    unet = UNet2DConditionModel.from_config(base.config, time_cond_proj_dim=16)
+    unet.load_state_dict(base.state_dict(), strict=False)
+    unet.save_pretrained(d / "unet")
+    LCMScheduler.from_pretrained(tiny_model_dir / "scheduler").save_pretrained(d / "scheduler")
+    return d
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

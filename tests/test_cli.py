@@ -156,18 +156,9 @@ def test_bad_input_exits_2_with_named_input(tmp_path, tiny_model_dir, capsys, se
     assert not (tmp_path / "t").exists()
 
 
-def test_lcm_stage_chain(tmp_path, tiny_model_dir, capsys):
+def test_lcm_stage_chain(tmp_path, tiny_lcm_model_dir, capsys):
     """sampler=lcm through sample -> label -> train; the artifact records the sampler; a mismatch is refused."""
-    from diffusers import LCMScheduler, UNet2DConditionModel
-    import shutil
-
-    m_dir = tmp_path / "lcm"
-    shutil.copytree(tiny_model_dir, m_dir)
-    base = UNet2DConditionModel.from_pretrained(tiny_model_dir / "unet")
-    unet = UNet2DConditionModel.from_config(base.config, time_cond_proj_dim=16)
-    unet.load_state_dict(base.state_dict(), strict=False)
-    unet.save_pretrained(m_dir / "unet")
-    LCMScheduler.from_pretrained(tiny_model_dir / "scheduler").save_pretrained(m_dir / "scheduler")
+    m_dir = tiny_lcm_model_dir
     m = [f"model.path={m_dir}", "sample.sampler=lcm", "sample.num_steps=2", *FAST]
     t = tmp_path / "traj"
     assert _run(["sample", "--quiet", "--out", str(t), "--validate", *m], capsys)[0] == 0

@@ -78,25 +78,9 @@ def test_full_finetune_saves_unet(tmp_path, tiny_model_dir):
     assert any(not torch.equal(p, q) for p, q in zip(unet.parameters(), base.parameters()))
 
 
-def _lcm_model_dir(tmp_path, tiny_model_dir):
-    """The tiny pipeline with a w-embedding UNet and an LCMScheduler (a random 'consistency model')."""
-    import shutil
-
-    from diffusers import LCMScheduler, UNet2DConditionModel
-
-    d = tmp_path / "lcm"
-    shutil.copytree(tiny_model_dir, d)
-    base = UNet2DConditionModel.from_pretrained(tiny_model_dir / "unet")
-    unet = UNet2DConditionModel.from_config(base.config, time_cond_proj_dim=16)
-    unet.load_state_dict(base.state_dict(), strict=False)
-    unet.save_pretrained(d / "unet")
-    LCMScheduler.from_pretrained(tiny_model_dir / "scheduler").save_pretrained(d / "scheduler")
-    return d
-
-
 @pytest.mark.parametrize("algorithm", ["pxpo", "ddpo"])
-def test_lcm_sampler_trains_and_resumes_exactly(tmp_path, tiny_model_dir, algorithm):
-    m = _lcm_model_dir(tmp_path, tiny_model_dir)
+def test_lcm_sampler_trains_and_resumes_exactly(tmp_path, tiny_lcm_model_dir, algorithm):
+    m = tiny_lcm_model_dir
     extra = ["train.epochs=2", f"train.algorithm={algorithm}", "sample.sampler=lcm", "sample.num_steps=4"]
     full = _cfg(m, tmp_path / "full", *extra)
     run(full, JsonlTracker(tmp_path / "full"), progress=False)

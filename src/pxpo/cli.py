@@ -94,23 +94,13 @@ def cmd_run(args) -> int:
 
 
 def cmd_sample(args) -> int:
-    import torch
-
-    from .models import load_pipeline, load_policy_into, resolve_dtype
+    from .models import load_configured_pipeline, load_policy_into
     from .prompts import draw_prompts, load_weighted_prompts
     from .train import sample_seed, sample_trajectories
     from .trajectories import save_trajectories
 
     cfg = _config(args)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    pipe = load_pipeline(
-        cfg.model.path,
-        revision=cfg.model.revision,
-        variant=cfg.model.variant,
-        dtype=resolve_dtype(cfg.model.dtype, device),
-        device=device,
-        sampler=cfg.sample.sampler,
-    )
+    pipe = load_configured_pipeline(cfg)
     load_policy_into(pipe, args.policy)
     n = cfg.sample.batch_size * cfg.sample.num_batches
     epoch = args.epoch

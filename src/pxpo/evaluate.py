@@ -58,20 +58,12 @@ def evaluate(cfg: Config, policy_dir: str | None, out_dir: Path, *, samples_per_
 
     from .base_model import save_grid
     from .core.rewards import make_labeller
-    from .models import load_pipeline, load_policy_into, resolve_dtype
+    from .models import load_configured_pipeline, load_policy_into
     from .prompts import load_weighted_prompts
     from .storage import atomic_dir
     from .train import label_images, sample_seed, sample_trajectories
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    pipe = load_pipeline(
-        cfg.model.path,
-        revision=cfg.model.revision,
-        variant=cfg.model.variant,
-        dtype=resolve_dtype(cfg.model.dtype, device),
-        device=device,
-        sampler=cfg.sample.sampler,
-    )
+    pipe = load_configured_pipeline(cfg)
     split = "heldout" if Path(cfg.prompts.source).is_dir() else "train"
     heldout, _ = load_weighted_prompts(cfg.prompts.source, split=split)
     prompts = [p for p in heldout for _ in range(samples_per_prompt)]

@@ -135,6 +135,24 @@ def load_lora_into(unet, lora_dir: Path) -> None:
         raise PxpoInputError(str(lora_dir), f"LoRA keys do not match the UNet ({result.unexpected_keys[:3]})", "use a LoRA trained on this model")
 
 
+def load_configured_pipeline(cfg, *, device=None, dtype: torch.dtype | None = None):
+    """:func:`load_pipeline` for a :class:`pxpo.config.Config`: its ``model`` section and ``sample.sampler``.
+
+    ``device``: default CUDA when present, else CPU. ``dtype``: default
+    :func:`resolve_dtype` of ``model.dtype`` on that device.
+    """
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return load_pipeline(
+        cfg.model.path,
+        revision=cfg.model.revision,
+        variant=cfg.model.variant,
+        dtype=dtype if dtype is not None else resolve_dtype(cfg.model.dtype, device),
+        device=device,
+        sampler=cfg.sample.sampler,
+    )
+
+
 def load_policy_into(pipe, policy_dir: str | Path | None) -> None:
     """Apply a trained policy (a ``pxpo train`` / ``pxpo run`` output) to a loaded pipeline.
 

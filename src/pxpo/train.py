@@ -237,7 +237,7 @@ def build_train_state(cfg: Config, accelerator=None):
     """
     from accelerate import Accelerator
 
-    from .models import add_lora, load_pipeline, resolve_dtype
+    from .models import add_lora, load_configured_pipeline, resolve_dtype
 
     t = cfg.train
     if accelerator is None:
@@ -250,14 +250,7 @@ def build_train_state(cfg: Config, accelerator=None):
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mp, torch.float32)
     if cfg.model.dtype != "auto":
         weight_dtype = resolve_dtype(cfg.model.dtype, accelerator.device)
-    pipe = load_pipeline(
-        cfg.model.path,
-        revision=cfg.model.revision,
-        variant=cfg.model.variant,
-        dtype=weight_dtype,
-        device=accelerator.device,
-        sampler=cfg.sample.sampler,
-    )
+    pipe = load_configured_pipeline(cfg, device=accelerator.device, dtype=weight_dtype)
     unet = pipe.unet
     torch.manual_seed(cfg.seed)  # LoRA's A matrices are drawn at random: same seed, same start
     if t.use_lora:
