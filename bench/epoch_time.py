@@ -41,7 +41,9 @@ def main(argv=None):
     from pxpo.core.advantages import PerPromptStatTracker
     from pxpo.core.sampling import encode_prompts, sample_ddim
     from pxpo.prompts import draw_prompts, load_prompts
-    from pxpo.train import build_train_state, compute_advantages, label_images, sample_seed, sample_trajectories, train_on_trajectories
+    from pxpo.rollout import label_images, sample_seed, sample_trajectories
+    from pxpo.train import compute_advantages, train_on_trajectories
+    from pxpo.training_state import build_train_state
 
     params = "params.yaml" if Path("params.yaml").exists() else None
     cfg = load_config(params, a.overrides)

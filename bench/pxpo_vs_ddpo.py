@@ -28,7 +28,7 @@ def _one(args):
     torch.set_num_threads(1)
     from pxpo.config import load_config
     from pxpo.tracking import JsonlTracker
-    from pxpo.train import run
+    from pxpo.stages.online import run_online as run
 
     params = "params.yaml" if Path("params.yaml").exists() else None
     cfg = load_config(

@@ -41,7 +41,8 @@ def _one(args):
     from pxpo.config import load_config
     from pxpo.prompts import draw_prompts, load_prompts
     from pxpo.tracking import JsonlTracker
-    from pxpo.train import run, sample_trajectories
+    from pxpo.rollout import sample_trajectories
+    from pxpo.stages.online import run_online as run
     from pxpo.models import load_pipeline, load_policy_into
 
     params = "params.yaml" if Path("params.yaml").exists() else None

@@ -14,7 +14,7 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 
 @pytest.fixture(scope="session")
 def tiny_pipe():
-    from pxpo.base_model import make_tiny_pipeline
+    from pxpo.embedded.architecture import make_tiny_pipeline
 
     pipe = make_tiny_pipeline(seed=0)
     # Random init gives near-zero UNet outputs; a seeded perturbation makes

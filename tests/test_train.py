@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from pxpo.config import load_config
 from pxpo.tracking import JsonlTracker
-from pxpo.train import run
+from pxpo.stages.online import run_online as run
 
 FAST = ["sample.batch_size=4", "sample.num_steps=3", "train.batch_size=2", "train.save_every=1", "train.learning_rate=1e-2", "train.clip_range=0.1"]
 

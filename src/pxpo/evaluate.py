@@ -56,12 +56,12 @@ def evaluate(cfg: Config, policy_dir: str | None, out_dir: Path, *, samples_per_
     """Sample held-out prompts with the base model and the policy (same seeds) and score both."""
     from safetensors.torch import save_file
 
-    from .base_model import save_grid
     from .core.rewards import make_labeller
     from .models import load_configured_pipeline, load_policy_into
+    from .plots import save_grid
     from .prompts import load_weighted_prompts
     from .storage import atomic_dir
-    from .train import label_images, sample_seed, sample_trajectories
+    from .rollout import label_images, sample_seed, sample_trajectories
 
     pipe = load_configured_pipeline(cfg)
     split = "heldout" if Path(cfg.prompts.source).is_dir() else "train"

@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
-from .base_model import digit_prompt
 from .errors import PxpoInputError
+
+DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+
+def digit_prompt(d: int) -> str:
+    """The canonical prompt for digit ``d`` (what the model is pretrained on)."""
+    return f"a handwritten digit {d}"
 
 
 def load_prompts(source: str, split: str = "train") -> list[str]:
@@ -68,3 +75,20 @@ def draw_prompts(prompts: list[str], n: int, seed: int, weights: list[float] | N
     if weights is None or len(set(weights)) <= 1:
         return [rng.choice(prompts) for _ in range(n)]
     return rng.choices(prompts, weights=weights, k=n)
+
+
+@dataclass(frozen=True)
+class PromptSource:
+    """The prompts an epoch draws from (with sampling weights); handed to the training loop."""
+
+    prompts: list[str]
+    weights: list[float]
+
+    @classmethod
+    def load(cls, source: str, split: str = "train") -> "PromptSource":
+        """``prompts.source``: "digits", a prepared dataset directory, or a .txt / .jsonl file."""
+        return cls(*load_weighted_prompts(source, split))
+
+    def draw(self, n: int, seed: int) -> list[str]:
+        """``n`` prompts drawn with replacement by weight (see :func:`draw_prompts`)."""
+        return draw_prompts(self.prompts, n, seed, self.weights)

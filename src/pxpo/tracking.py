@@ -2,7 +2,10 @@
 
 :class:`NullTracker` for tests, :class:`JsonlTracker` writes ``metrics.jsonl``
 in the run directory (one line per epoch). An MLflow adapter plugs in at the
-edge with the same three methods.
+edge of the registration stage (``pxpo.mlflow``).
+
+:class:`Tracker` declares every method the loop calls; the loop never probes
+with ``hasattr``.
 """
 
 from __future__ import annotations
@@ -13,9 +16,22 @@ from typing import Protocol
 
 
 class Tracker(Protocol):
-    def log_params(self, params: dict) -> None: ...
-    def log_metrics(self, metrics: dict, step: int) -> None: ...
-    def log_artifact(self, path: Path) -> None: ...
+    """What the training loop calls on its tracker (main process only)."""
+
+    def log_params(self, params: dict) -> None:
+        """Record the resolved config (nested dict) once per run."""
+
+    def log_metrics(self, metrics: dict, step: int) -> None:
+        """Record one epoch's scalar metrics at ``step`` (the epoch index)."""
+
+    def log_artifact(self, path: Path) -> None:
+        """Record a file the run wrote."""
+
+    def truncate(self, before_epoch: int) -> None:
+        """Forget metrics of epochs >= ``before_epoch`` (a resumed run re-logs them)."""
+
+    def history(self) -> list[dict]:
+        """Every logged epoch's metrics, oldest first (``{"epoch": k, **metrics}``)."""
 
 
 class NullTracker:
@@ -29,6 +45,12 @@ class NullTracker:
 
     def log_artifact(self, path: Path) -> None:
         pass
+
+    def truncate(self, before_epoch: int) -> None:
+        pass
+
+    def history(self) -> list[dict]:
+        return []
 
 
 class JsonlTracker:

@@ -1,0 +1,83 @@
+"""The embedded default's data and its prompt-following check: scikit-learn's handwritten digits and a digit classifier."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..prompts import digit_prompt
+
+
+def digits_dataset(image_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn's handwritten digits as RGB images.
+
+    Returns:
+        images: (N, 3, S, S) float32 in [-1, 1] (white ink on black), N = 1797.
+        labels: (N,) int64 digit classes.
+    """
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.from_numpy(d.images.astype(np.float32) / 16.0)[:, None]
+    x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
+    x = x.clamp(0, 1).repeat(1, 3, 1, 1) * 2 - 1
+    return x, torch.from_numpy(d.target.astype(np.int64))
+
+
+def digit_classifier():
+    """A logistic-regression classifier of 8 x 8 digits (sklearn data, ~97% accurate).
+
+    Used to check that samples are recognisable and follow the prompt.
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.linear_model import LogisticRegression
+
+    d = load_digits()
+    return LogisticRegression(max_iter=2000).fit(d.data / 16.0, d.target)
+
+
+def classify_images(clf, images: torch.Tensor) -> np.ndarray:
+    """Predict digit classes of images (B, 3, H, W) in [0, 1] with :func:`digit_classifier`."""
+    g = images.float().mean(1, keepdim=True)
+    g = F.adaptive_avg_pool2d(g, 8).flatten(1).clamp(0, 1).numpy()
+    return clf.predict(g)
+
+
+
+def evaluate_digits(pipe, per_digit: int = 8, steps: int = 20, guidance: float = 3.0, seed: int = 0):
+    """Sample ``per_digit`` images of each digit with the stock diffusers pipeline.
+
+    Returns (images (10*per_digit, 3, H, W) in [0, 1], prompt-following accuracy
+    according to :func:`digit_classifier`).
+    """
+    from diffusers import DDIMScheduler
+
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    prompts = [digit_prompt(d) for d in range(10) for _ in range(per_digit)]
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    out = pipe(
+        prompts,
+        height=size,
+        width=size,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        generator=torch.Generator().manual_seed(seed),
+        output_type="pt",
+    ).images
+    pred = classify_images(digit_classifier(), out)
+    target = np.repeat(np.arange(10), per_digit)
+    return out, float((pred == target).mean())
+
+
+
+def evaluate_lcm_digits(pipe, per_digit: int = 8, steps: int = 4, guidance: float = 3.0, seed: int = 0):
+    """Like :func:`evaluate_digits`, for a LatentConsistencyModelPipeline (``steps`` consistency steps)."""
+    prompts = [digit_prompt(d) for d in range(10) for _ in range(per_digit)]
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    out = pipe(
+        prompts, height=size, width=size, num_inference_steps=steps, guidance_scale=guidance,
+        generator=torch.Generator().manual_seed(seed), output_type="pt",
+    ).images
+    pred = classify_images(digit_classifier(), out)
+    return out, float((pred == np.repeat(np.arange(10), per_digit)).mean())

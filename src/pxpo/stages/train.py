@@ -1,0 +1,73 @@
+"""``pxpo train``: epochs of training that start on labelled trajectories from the sample/label stages."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from ..config import Config
+from ..errors import PxpoInputError
+
+HISTORY_COLUMNS = ["epoch", "samples_seen", "reward_mean", "reward_std", "approx_kl", "clipfrac", "loss", "grad_norm"]
+
+
+def check_sampling_matches(cfg: Config, meta: dict, where: Path) -> None:
+    """Refuse to train on trajectories sampled with other settings than ``cfg``'s.
+
+    The re-scored log-probs are only the behaviour policy's when the sampler,
+    steps, eta, guidance and negative prompt are the ones the samples were drawn with.
+    """
+    for key in ("sampler", "num_steps", "eta", "guidance_scale"):
+        if meta.get(key, "ddim") != getattr(cfg.sample, key):
+            raise PxpoInputError(
+                f"sample.{key}",
+                f"config says {getattr(cfg.sample, key)} but {where} was sampled with {meta[key]}",
+                f"train with the sampling settings: pass sample.{key}={meta[key]}",
+            )
+    if meta.get("negative_prompt", "") != cfg.prompts.negative_prompt:
+        raise PxpoInputError("prompts.negative_prompt", f"differs from the one {where} was sampled with", "use the sampling-time negative prompt")
+
+
+def train(cfg: Config, trajectories: Path, out: Path, *, state: Path | None = None, rounds: int | None = None,
+          history: Path | None = None, progress: bool = False) -> dict:
+    """Run ``rounds`` epochs (default ``train.epochs``): the first on ``trajectories`` and their
+    reward maps, the rest sampled online; continue from ``state`` (a previous output) if given.
+
+    Writes ``out`` whole or not at all: lora/ (or model/), state/,
+    pxpo_round.json, metrics.jsonl, summary.json. ``history`` also gets the
+    per-epoch metrics as CSV (DVC plots). Returns the summary plus
+    ``history`` (the per-epoch metrics) and ``rounds``.
+    """
+    from ..storage import atomic_dir, atomic_file
+    from ..tracking import JsonlTracker
+    from ..train import run
+    from ..trajectories import load_reward_maps, load_trajectories
+    from .online import loop_collaborators
+
+    d = Path(trajectories)
+    traj = load_trajectories(d, with_images=False)
+    maps, _ = load_reward_maps(d, len(traj), tuple(traj.meta["image_shape"][1:]))
+    check_sampling_matches(cfg, traj.meta, d)
+    if state and not (Path(state) / "pxpo_round.json").is_file():
+        raise PxpoInputError(str(state), "not a trainer state directory (no pxpo_round.json)", "pass the --out of a previous `pxpo train`")
+    rounds = rounds if rounds is not None else cfg.train.epochs
+    with atomic_dir(Path(out)) as tmp:
+        cfg.output_dir = str(tmp)
+        summary = run(
+            cfg,
+            tracker=JsonlTracker(tmp),
+            **loop_collaborators(cfg),
+            progress=progress,
+            resume=False,
+            first_batch=(traj, maps),
+            init_state=Path(state) if state else None,
+            rounds=rounds,
+        )
+    hist = [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines() if x]
+    if history:
+        with atomic_file(Path(history)) as f:
+            w = csv.DictWriter(f, fieldnames=HISTORY_COLUMNS, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(hist)
+    return {**summary, "history": hist, "rounds": rounds}
