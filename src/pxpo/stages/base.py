@@ -40,3 +40,13 @@ def distill_lcm_model(teacher: Path, out: Path, *, seed: int = 0, steps: int | N
     if steps is not None:
         spec.steps = steps
     return build_lcm(teacher, out, spec, progress=progress)
+
+
+def save_random_model(out: Path, *, arch: str = "sd15", dtype: str = "float16", seed: int = 0, force: bool = False) -> dict | None:
+    """Save a random-weight pipeline with ``arch``'s published shapes (a timing fixture); None if it exists."""
+    from ..embedded.random_sd import save_random_pipeline
+
+    out = Path(out)
+    if (out / "model_index.json").exists() and not force:
+        return None
+    return save_random_pipeline(out, arch, dtype=dtype, seed=seed)
