@@ -1,5 +1,6 @@
-"""MLflow: tracker, pyfunc policy model, gated registration with aliases, idempotence,
-loading the champion back (in process and in a fresh one); a real ``mlflow server``."""
+"""MLflow (``pxpo.mlflow``): tracker, pyfunc policy model (params schema), gated registration with
+aliases, metrics on the logged model, idempotence, the register stage's run (git tag, dataset
+inputs), loading the champion back (in process and in a fresh one); a real ``mlflow server``."""
 
 import base64
 import io
@@ -21,8 +22,16 @@ import torch
 
 mlflow = pytest.importorskip("mlflow")
 
-from pxpo.registry import find_version, load_registered_pipeline, log_policy_model, register_policy  # noqa: E402
-from pxpo.tracking_mlflow import (  # noqa: E402
+from pxpo.mlflow.model_registry import (  # noqa: E402
+    find_version,
+    load_registered_pipeline,
+    log_policy_model,
+    logged_model_id,
+    register_policy,
+    version_metrics,
+)
+from pxpo.mlflow.pyfunc import decode_image  # noqa: E402
+from pxpo.mlflow.tracking import (  # noqa: E402
     MlflowTracker,
     clean_key,
     default_tracking_uri,
@@ -61,11 +70,12 @@ def store(tmp_path, monkeypatch, template_db):
     mlflow.set_tracking_uri(None)
 
 
-# ----- tracking_mlflow ---------------------------------------------------------
+# ----- tracking ------------------------------------------------------------------
 
 
 def test_import_does_not_import_mlflow():
-    code = "import sys, pxpo.tracking_mlflow; assert 'mlflow' not in sys.modules, 'mlflow imported eagerly'"
+    code = ("import sys, pxpo.mlflow, pxpo.mlflow.tracking, pxpo.mlflow.datasets, pxpo.mlflow.promotion, pxpo.mlflow.model_registry\n"
+            "assert 'mlflow' not in sys.modules, 'mlflow imported eagerly'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
@@ -92,7 +102,8 @@ def test_default_tracking_uri(tmp_path, monkeypatch):
 def test_standard_tags(tmp_path, monkeypatch):
     monkeypatch.delenv("KFP_RUN_ID", raising=False)
     tags = standard_tags(REPO)
-    assert len(tags["git.commit"]) == 40 and tags["pxpo.version"] and "kfp.run_id" not in tags
+    assert len(tags["mlflow.source.git.commit"]) == 40 and tags["pxpo.version"] and "kfp.run_id" not in tags
+    assert tags["mlflow.source.git.dirty"] in ("true", "false")
     lock = (
         "schema: '2.0'\nstages:\n  prepare:\n    cmd: pxpo prepare\n    outs:\n"
         "    - path: data/prepared\n      hash: md5\n      md5: 0123abcd.dir\n      size: 10\n"
@@ -101,7 +112,7 @@ def test_standard_tags(tmp_path, monkeypatch):
     (tmp_path / "dvc.lock").write_text(lock)
     monkeypatch.setenv("KFP_RUN_ID", "run-123")
     tags = standard_tags(tmp_path)  # not a git checkout
-    assert tags["git.commit"] == "unknown" and tags["kfp.run_id"] == "run-123"
+    assert "mlflow.source.git.commit" not in tags and tags["kfp.run_id"] == "run-123"
     assert tags["dvc.data"] == "data/prepared=0123abcd.dir;models/base=4567ef"
     assert len(tags["dvc.lock.sha256"]) == 64
 
@@ -109,7 +120,7 @@ def test_standard_tags(tmp_path, monkeypatch):
 def test_tracker_params_metrics_tags_images(store, tmp_path):
     client = mlflow.MlflowClient()
     t = MlflowTracker("exp", tracking_uri=store)
-    with t.start(run_name="parent") as tr:
+    with t.start(run_name="parent", tags={"start.big": "y" * 9000}) as tr:
         parent = tr.run_id
         tr.log_params({"train": {"learning_rate": 1e-3, "epochs": 2, "clip": None}, "seed": 0, "long": "v" * 7000,
                        "many": {f"p{i}": i for i in range(150)}})
@@ -143,7 +154,8 @@ def test_tracker_params_metrics_tags_images(store, tmp_path):
     assert [(m.step, m.value) for m in client.get_metric_history(parent, "reward_mean")] == [(0, 0.5), (1, 0.6)]
     assert run.data.metrics["np"] == 0.25 and run.data.metrics["t"] == 2.0 and run.data.metrics["nested.a"] == 1.0
     assert "note" not in run.data.metrics
-    assert run.data.tags["pxpo.stage"] == "test" and len(run.data.tags["big"]) == 8000
+    # MLflow's log_batch truncates long values (no hand-written truncation in pxpo)
+    assert run.data.tags["pxpo.stage"] == "test" and len(run.data.tags["big"]) == 8000 and len(run.data.tags["start.big"]) == 8000
     assert p["seed"] == "0" and run.data.tags["pxpo.param_changed.seed"] == "1"
     assert run.info.status == "FINISHED"
     names = {a.path for a in client.list_artifacts(parent, "images")}
@@ -233,15 +245,29 @@ def test_register_gate_aliases_idempotent_and_load(store, tmp_path, tiny_model_d
     versions = client.search_model_versions("name = 'pxpo-test'")
     assert len(versions) == 5 and all(mv.current_stage in (None, "None") for mv in versions)
     mv5 = client.get_model_version("pxpo-test", "5")
-    assert mv5.tags["pxpo.source_hash"] == "d" and mv5.tags["validation"] == "passed" and float(mv5.tags["metric.reward_mean"]) == 0.6
+    assert mv5.tags["pxpo.source_hash"] == "d" and mv5.tags["validation"] == "passed"
     assert client.get_model_version("pxpo-test", "4").tags["validation"] == "failed"
+    # the metrics live on the logged model (MLflow 3), not in metric.* version tags
+    assert not any(k.startswith("metric.") for k in mv5.tags)
+    model_id = logged_model_id("models:/pxpo-test/5")
+    assert model_id.startswith("m-") and logged_model_id("models:/pxpo-test@champion") == model_id
+    lm = mlflow.get_logged_model(model_id)
+    assert [(m.key, m.value, m.model_id) for m in lm.metrics] == [("reward_mean", 0.6, model_id)]
+    assert version_metrics(client, mv5) == {"reward_mean": 0.6} and lm.source_run_id == mv5.run_id
+    assert client.get_run(mv5.run_id).data.metrics["reward_mean"] == 0.6  # on the run as well
 
-    # lower is better: a second registered model from the same logged model
-    def low(loss, source):
-        return register_policy("models:/pxpo-test/5", "pxpo-low", metrics={"loss": loss}, primary_metric="loss",
-                               higher_is_better=False, margin=0.1, validations_passed=True, source_hash=source)
+    # lower is better: a second registered model from existing versions; the champion's
+    # value is read through its source (models:/pxpo-test/N) from the logged model
+    def low(v, margin=0.05):
+        m = version_metrics(client, client.get_model_version("pxpo-test", v))
+        return register_policy(f"models:/pxpo-test/{v}", "pxpo-low", metrics=m, primary_metric="reward_mean",
+                               higher_is_better=False, margin=margin, validations_passed=True, source_hash=f"low{v}")
 
-    assert low(1.0, "l1")["promoted"] and not low(0.95, "l2")["promoted"] and low(0.5, "l3")["promoted"]
+    assert low("5")["promoted"]  # 0.6, no champion
+    d = low("3")  # 0.505: lower by 0.095 > 0.05
+    assert d["promoted"] and d["previous_champion_metric"] == 0.6
+    d = low("2")  # 0.50: lower by only 0.005
+    assert not d["promoted"] and d["champion_version"] == "2" and d["champion_metric"] == 0.505
 
     # the champion back as a diffusers pipeline: the LoRA changes the output
     base = _base_images(tiny_model_dir)
@@ -254,6 +280,26 @@ def test_register_gate_aliases_idempotent_and_load(store, tmp_path, tiny_model_d
     assert info.metadata["base_included"] is False and info.metadata["base_model"] == str(Path(tiny_model_dir).resolve())
     u = load_registered_pipeline("models:/pxpo-test/4")("a handwritten digit 3", generator=torch.Generator().manual_seed(0), **GEN).images
     assert not torch.allclose(u, base, atol=1e-4)
+
+    # pyfunc predict honours params (ParamSchema), defaults = the logged sampling settings
+    import pandas as pd
+
+    m = mlflow.pyfunc.load_model("models:/pxpo-test@champion", model_config={"device": "cpu"})
+    specs = {p.name: (p.dtype.name, p.default) for p in m.metadata.get_params_schema().params}
+    assert specs == {"steps": ("long", 3), "guidance": ("double", 3.0), "seed": ("long", 0), "negative_prompt": ("string", "")}
+    df = pd.DataFrame({"prompt": ["a handwritten digit 3"]})
+
+    def img(frame=df, **params):
+        return np.asarray(decode_image(m.predict(frame, params=params or None)["image"][0]), dtype=np.int16)
+
+    s2, s4, default = img(steps=2), img(steps=4), img()
+    assert s2.shape == (16, 16, 3) and np.array_equal(s2, img(steps=2))
+    assert not np.array_equal(s2, s4) and np.array_equal(default, img(steps=3))  # default: the logged 3 steps
+    assert not np.array_equal(img(seed=1), default)
+    assert not np.array_equal(img(negative_prompt="a handwritten digit 8"), default)
+    assert not np.array_equal(img(guidance=1.0), default)
+    # a per-row column wins over the param
+    assert np.array_equal(img(df.assign(num_inference_steps=[2]), steps=4), s2)
 
     print(f"\nlog_policy_model: {', '.join(f'{t:.2f}' for t in timings['log'])} s; "
           f"register_policy: {', '.join(f'{t:.2f}' for t in timings['register'])} s")
@@ -295,6 +341,78 @@ def test_log_policy_model_rejects_bad_input(store, tmp_path, tiny_model_dir):
             log_policy_model(None, base_model="org/some-model", policy_dir=pol, include_base=True)
     with pytest.raises(PxpoInputError, match="primary_metric"):
         register_policy("models:/x/1", "x", metrics={"a": 1.0}, primary_metric="b", validations_passed=True, source_hash="s")
+
+
+def test_version_metrics_fallbacks():
+    """Versions registered by older pxpo: ``metric.*`` version tags, then the source run's metrics."""
+    from types import SimpleNamespace
+
+    class Client:
+        def get_run(self, run_id):
+            return SimpleNamespace(data=SimpleNamespace(metrics={"reward_mean": 0.3}))
+
+    old = SimpleNamespace(model_id=None, source="runs:/abc/policy", run_id="abc", tags={"metric.reward_mean": "0.4", "validation": "passed"})
+    assert version_metrics(Client(), old) == {"reward_mean": 0.4}
+    older = SimpleNamespace(model_id=None, source="/some/path", run_id="abc", tags={})
+    assert version_metrics(Client(), older) == {"reward_mean": 0.3}
+    assert logged_model_id("runs:/abc/policy") is None and logged_model_id("models:/m-0123") == "m-0123"
+
+
+def _git_checkout(d: Path) -> str:
+    d.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    for cmd in (["git", "init", "-q"], ["git", "commit", "-q", "--allow-empty", "-m", "x"]):
+        subprocess.run(cmd, cwd=d, env=env, check=True, capture_output=True, timeout=30)
+    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=d, capture_output=True, text=True, check=True).stdout.strip()
+
+
+def test_gate_and_register_run(store, tmp_path, tiny_model_dir, monkeypatch):
+    """The register stage's run: git source tag, prompt dataset inputs, metrics on the logged model, the gate."""
+    from pxpo.config import load_config
+    from pxpo.mlflow.promotion import gate_and_register
+
+    commit = _git_checkout(tmp_path / "checkout")
+    monkeypatch.chdir(tmp_path / "checkout")
+    prepared = tmp_path / "prepared"
+    prepared.mkdir()
+    (prepared / "train.jsonl").write_text("".join(json.dumps({"prompt": f"a handwritten digit {d}", "weight": 1.0}) + "\n" for d in range(8)))
+    (prepared / "heldout.jsonl").write_text("".join(json.dumps({"prompt": f"a handwritten digit {d}", "weight": 1.0}) + "\n" for d in (8, 9)))
+    (prepared / "dataset.json").write_text(json.dumps({"version": "ab" * 32}))
+    report = tmp_path / "ok.json"
+    report.write_text('{"success": true}')
+    cfg = load_config(None, [f"model.path={tiny_model_dir}", "sample.num_steps=3", "register.model_name=pxpo-gate",
+                             "register.experiment=gate", "register.margin=0.01", f"prompts.source={prepared}"])
+
+    def gate(tag, reward, seed):
+        ev = tmp_path / f"eval-{tag}"
+        ev.mkdir(exist_ok=True)
+        (ev / "metrics.json").write_text(json.dumps({"reward_mean": reward, "reward_gain": 0.1, "num_samples": 4}))
+        pol = tmp_path / f"pol-{seed}"
+        if not pol.exists():
+            _fake_policy(tiny_model_dir, pol, seed)
+        return gate_and_register(cfg, policy_dir=pol, eval_dir=ev, tracking_uri=store, validation_reports=[report], out=None)
+
+    d1 = gate("a", 0.5, 1)
+    assert d1["promoted"] and d1["version"] == "1"
+    client = mlflow.MlflowClient()
+    run = client.get_run(d1["run_id"])
+    assert run.data.tags["mlflow.source.git.commit"] == commit and run.data.tags["pxpo.stage"] == "register"
+    inputs = {i.dataset.name: i for i in run.inputs.dataset_inputs}
+    assert set(inputs) == {"prepared-train", "prepared-heldout"}
+    ctx = {n: {t.key: t.value for t in i.tags}["mlflow.data.context"] for n, i in inputs.items()}
+    assert ctx == {"prepared-train": "training", "prepared-heldout": "evaluation"}
+    assert inputs["prepared-train"].dataset.digest == "abababababab-train"
+    assert json.loads(inputs["prepared-train"].dataset.profile)["num_rows"] == 8
+    lm = mlflow.get_logged_model(logged_model_id(d1["model_uri"]))
+    assert {m.key: m.value for m in lm.metrics} == {"reward_mean": 0.5, "reward_gain": 0.1, "num_samples": 4.0}
+    assert run.data.metrics["reward_mean"] == 0.5
+    assert len(client.get_metric_history(run.info.run_id, "reward_mean")) == 1  # logged once (run + model)
+
+    assert gate("a", 0.5, 1)["reused_version"]  # same policy and evaluation: same version
+    d3 = gate("b", 0.505, 2)  # the champion's 0.5 read back from its logged model
+    assert not d3["promoted"] and d3["previous_champion_metric"] == 0.5 and d3["version"] == "2"
+    assert gate("c", 0.7, 3)["promoted"]
+    assert str(client.get_model_version_by_alias("pxpo-gate", "champion").version) == "3"
 
 
 # ----- a real tracking server --------------------------------------------------------
@@ -387,9 +505,10 @@ def test_real_server(mlflow_server, tmp_path, tiny_model_dir, monkeypatch):
     try:
         with MlflowTracker("server-exp", tracking_uri=mlflow_server).start(run_name="r") as t:
             t.set_tags(standard_tags(REPO))
-            t.log_params({"train": {"learning_rate": 3e-4}})
+            t.log_params({"train": {"learning_rate": 3e-4}, "long": "v" * 7000})
             t.log_metrics({"reward_mean": 0.7}, step=3)
-            uri = log_policy_model(t.run_id, base_model=str(tiny_model_dir), policy_dir=_fake_policy(tiny_model_dir, tmp_path / "p", 3))
+            uri = log_policy_model(t.run_id, base_model=str(tiny_model_dir), policy_dir=_fake_policy(tiny_model_dir, tmp_path / "p", 3),
+                                   metrics={"reward_mean": 0.7})
         kw = dict(metrics={"reward_mean": 0.7}, primary_metric="reward_mean", validations_passed=True, source_hash="s")
         d1 = register_policy(uri, "pxpo-server", **kw)
         d2 = register_policy(uri, "pxpo-server", **kw)
@@ -397,6 +516,9 @@ def test_real_server(mlflow_server, tmp_path, tiny_model_dir, monkeypatch):
         client = mlflow.MlflowClient(mlflow_server)
         assert str(client.get_model_version_by_alias("pxpo-server", "champion").version) == "1"
         assert client.get_registered_model("pxpo-server").aliases == {"champion": "1", "challenger": "1"}
+        assert version_metrics(client, client.get_model_version("pxpo-server", "1")) == {"reward_mean": 0.7}
+        run = client.get_run(t.run_id)
+        assert len(run.data.params["long"]) == 6000 and "mlflow.source.git.commit" in run.data.tags  # the server truncates
         pipe = load_registered_pipeline("models:/pxpo-server@champion")
         img = pipe("a handwritten digit 3", generator=torch.Generator().manual_seed(0), **GEN).images
         assert img.shape == (1, 3, 16, 16)

@@ -1,6 +1,6 @@
-"""MLflow tracking adapter (the edge): a :class:`pxpo.tracking.Tracker` backed by MLflow.
+"""MLflow tracking: a :class:`pxpo.tracking.Tracker` backed by MLflow, tracking URIs, provenance tags.
 
-``import pxpo.tracking_mlflow`` does not import mlflow; it is imported when a
+``import pxpo.mlflow.tracking`` does not import mlflow; it is imported when a
 tracker is created (mlflow is an optional dependency, extra ``pipeline``).
 
 Local default: a SQLite store (``<root>/mlruns.db``, full model registry, no
@@ -25,14 +25,13 @@ import time
 import warnings
 from pathlib import Path
 
-from . import __version__
+from .. import __version__
 
-# MLflow's limits (mlflow.utils.validation, 3.x)
-MAX_KEY_LENGTH = 250
-MAX_PARAM_VALUE_LENGTH = 6000
-MAX_TAG_VALUE_LENGTH = 8000
-MAX_PARAMS_TAGS_PER_BATCH = 100
-MAX_METRICS_PER_BATCH = 1000
+MAX_KEY_LENGTH = 250  # MLflow rejects (does not truncate) longer keys
+# MLflow's standard source tags (mlflow.utils.mlflow_tags), shown in its UI
+GIT_COMMIT_TAG = "mlflow.source.git.commit"
+GIT_DIRTY_TAG = "mlflow.source.git.dirty"
+GIT_BRANCH_TAG = "mlflow.source.git.branch"
 
 _BAD_KEY_CHARS = re.compile(r"[^/\w.\- :]")
 
@@ -101,11 +100,6 @@ def clean_key(key) -> str:
     return k[:MAX_KEY_LENGTH]
 
 
-def _truncate(value, limit: int) -> str:
-    s = value if isinstance(value, str) else str(value)
-    return s if len(s) <= limit else s[: limit - 3] + "..."
-
-
 def _as_float(v) -> float | None:
     """A metric value from a Python / numpy / torch scalar (bools as 0/1); None for anything else."""
     if isinstance(v, numbers.Real):  # numpy scalars register as numbers.Real too
@@ -149,7 +143,8 @@ def _dvc_data(lock_text: bytes) -> str | None:
 def standard_tags(repo_root: Path) -> dict:
     """Provenance tags for a run.
 
-    ``git.commit`` (``"unknown"`` outside a git checkout) and ``git.dirty``;
+    MLflow's ``mlflow.source.git.commit`` (omitted outside a git checkout),
+    ``mlflow.source.git.dirty`` and ``mlflow.source.git.branch``;
     ``dvc.lock.sha256`` and ``dvc.data`` (``path=md5;...`` of the outs in
     dvc.lock) when ``repo_root/dvc.lock`` exists; ``kfp.run_id`` from
     ``$KFP_RUN_ID`` (the pipeline sets it, e.g. from the pod label
@@ -160,18 +155,21 @@ def standard_tags(repo_root: Path) -> dict:
     repo_root = Path(repo_root)
     tags = {"pxpo.version": __version__}
     commit = _git(repo_root, "rev-parse", "HEAD")
-    tags["git.commit"] = commit or "unknown"
     if commit:
+        tags[GIT_COMMIT_TAG] = commit
         status = _git(repo_root, "status", "--porcelain", "--untracked-files=no")
         if status is not None:
-            tags["git.dirty"] = "true" if status else "false"
+            tags[GIT_DIRTY_TAG] = "true" if status else "false"
+        branch = _git(repo_root, "rev-parse", "--abbrev-ref", "HEAD")
+        if branch and branch != "HEAD":
+            tags[GIT_BRANCH_TAG] = branch
     lock = repo_root / "dvc.lock"
     if lock.is_file():
         text = lock.read_bytes()
         tags["dvc.lock.sha256"] = hashlib.sha256(text).hexdigest()
         data = _dvc_data(text)
         if data:
-            tags["dvc.data"] = _truncate(data, MAX_TAG_VALUE_LENGTH)
+            tags["dvc.data"] = data  # MLflow truncates tag values to 8000 characters
     for var, tag in (("KFP_RUN_ID", "kfp.run_id"), ("KFP_RUN_NAME", "kfp.run_name"),
                      ("KFP_POD_NAME", "kfp.pod_name"), ("KFP_POD_UID", "kfp.pod_uid")):
         if os.environ.get(var):
@@ -239,10 +237,11 @@ class MlflowTracker:
             run_name=run_name,
             nested=nested or (parent_run_id is not None and self._mlflow.active_run() is not None),
             parent_run_id=parent_run_id,
-            tags={k: _truncate(v, MAX_TAG_VALUE_LENGTH) for k, v in (tags or {}).items()} or None,
         )
         self.run_id = run.info.run_id
         self._open = True
+        if tags:  # through log_batch, which enforces MLflow's length limits (create_run does not)
+            self.set_tags(tags)
         return self
 
     def end(self, status: str = "FINISHED") -> None:
@@ -275,30 +274,31 @@ class MlflowTracker:
     # ----- Tracker protocol --------------------------------------------------
 
     def log_params(self, params: dict) -> None:
-        """Flatten (dotted keys), stringify, truncate to MLflow's limits, log in batches of 100.
+        """Flatten (dotted keys), stringify and log (MLflow batches them and truncates values to 6000 characters).
 
         Re-logging an identical value is a no-op; a changed value (params are
         immutable in MLflow) is kept as tag ``pxpo.param_changed.<key>`` with a warning.
         """
         from mlflow.entities import Param, RunTag
+        from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
         run_id = self._run()
-        flat: dict[str, str] = {}
-        for k, v in flatten(params).items():
-            flat[clean_key(k)] = _truncate(v, MAX_PARAM_VALUE_LENGTH)
+        flat = {clean_key(k): str(v) for k, v in flatten(params).items()}
         existing = self.client.get_run(run_id).data.params
         new = [Param(k, v) for k, v in flat.items() if k not in existing]
-        changed = {k: v for k, v in flat.items() if k in existing and existing[k] != v}
-        for i in range(0, len(new), MAX_PARAMS_TAGS_PER_BATCH):
-            self.client.log_batch(run_id, params=new[i : i + MAX_PARAMS_TAGS_PER_BATCH])
+        # compared as stored: a long value comes back truncated
+        changed = {k: v for k, v in flat.items() if k in existing and existing[k] != v[:MAX_PARAM_VAL_LENGTH]}
+        self.client.log_batch(run_id, params=new)
         if changed:
             warnings.warn(f"MLflow params are immutable; changed values kept as tags: {sorted(changed)[:5]}", stacklevel=2)
-            tags = [RunTag(clean_key(f"pxpo.param_changed.{k}"), _truncate(v, MAX_TAG_VALUE_LENGTH)) for k, v in changed.items()]
-            for i in range(0, len(tags), MAX_PARAMS_TAGS_PER_BATCH):
-                self.client.log_batch(run_id, tags=tags[i : i + MAX_PARAMS_TAGS_PER_BATCH])
+            self.client.log_batch(run_id, tags=[RunTag(clean_key(f"pxpo.param_changed.{k}"), v) for k, v in changed.items()])
 
-    def log_metrics(self, metrics: dict, step: int) -> None:
-        """Numeric values (Python, numpy or torch scalars; nested dicts flattened) at ``step``; others skipped."""
+    def log_metrics(self, metrics: dict, step: int, *, model_id: str | None = None) -> None:
+        """Numeric values (Python, numpy or torch scalars; nested dicts flattened) at ``step``; others skipped.
+
+        ``model_id`` (``models:/<model_id>``, e.g. ``ModelInfo.model_id``) also
+        attaches them to that logged model (and so to its registered versions).
+        """
         from mlflow.entities import Metric
 
         run_id = self._run()
@@ -307,9 +307,8 @@ class MlflowTracker:
         for k, v in flatten(metrics).items():
             f = _as_float(v)
             if f is not None:
-                ms.append(Metric(clean_key(k), f, now, int(step)))
-        for i in range(0, len(ms), MAX_METRICS_PER_BATCH):
-            self.client.log_batch(run_id, metrics=ms[i : i + MAX_METRICS_PER_BATCH])
+                ms.append(Metric(clean_key(k), f, now, int(step), model_id=model_id, run_id=run_id))
+        self.client.log_batch(run_id, metrics=ms)
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         """A file, or a directory's contents (under ``artifact_path``, default its name)."""
@@ -322,13 +321,10 @@ class MlflowTracker:
     # ----- extras --------------------------------------------------------------
 
     def set_tags(self, tags: dict) -> None:
-        """Tags (values stringified, truncated to 8000 characters), batched."""
+        """Tags; values stringified (MLflow truncates them to 8000 characters), None skipped."""
         from mlflow.entities import RunTag
 
-        run_id = self._run()
-        items = [RunTag(clean_key(k), _truncate(v, MAX_TAG_VALUE_LENGTH)) for k, v in tags.items() if v is not None]
-        for i in range(0, len(items), MAX_PARAMS_TAGS_PER_BATCH):
-            self.client.log_batch(run_id, tags=items[i : i + MAX_PARAMS_TAGS_PER_BATCH])
+        self.client.log_batch(self._run(), tags=[RunTag(clean_key(k), str(v)) for k, v in tags.items() if v is not None])
 
     def log_image(self, path_or_array, name: str, step: int | None = None) -> None:
         """An image file (copied byte for byte) or array (HW, HWC or CHW; uint8, or float in [0, 1]).

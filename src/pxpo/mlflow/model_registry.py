@@ -1,15 +1,16 @@
-"""MLflow model registry: the trained policy as a pyfunc model, aliases ``challenger`` / ``champion``.
+"""MLflow model registry: log the policy model, register versions, aliases ``challenger`` / ``champion``.
 
-The logged model (MLflow "models from code": a two-line script that builds a
-:class:`DiffusersPolicyModel`, with the ``pxpo`` package bundled under
-``code/`` so it loads where pxpo is not installed) holds
+The logged model (:mod:`pxpo.mlflow.pyfunc`, models from code) holds
 
 * the policy: a LoRA directory (``pytorch_lora_weights.safetensors``) or a full
   UNet directory (``save_pretrained``);
 * the base pipeline directory when it is local and under 500 MB
   (self-contained model); otherwise only its reference (absolute path or hub
   id, revision) in the model config, which a loader may override
-  (``model_config={"base_model": ...}`` or ``$MLFLOW_PYFUNC_INFERENCE_CONFIG``).
+  (``model_config={"base_model": ...}`` or ``$MLFLOW_PYFUNC_INFERENCE_CONFIG``);
+* its evaluation metrics, attached to the MLflow 3 ``LoggedModel``
+  (``log_metrics(..., model_id=...)``) and so visible from every registered
+  version of it (:func:`version_metrics`).
 
 Registration uses aliases only (never stages): every registered version is
 aliased ``challenger``; ``champion`` moves to it when it passes the gate
@@ -19,20 +20,16 @@ aliased ``challenger``; ``champion`` moves to it when it passes the gate
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import io
 import math
 import shutil
 import tempfile
+import time
 import warnings
 from pathlib import Path
 
-import mlflow.pyfunc
-import pandas as pd
-
-from . import __version__
-from .errors import PxpoInputError
+from .. import __version__
+from ..errors import PxpoInputError
 
 ALIAS_CHALLENGER = "challenger"
 ALIAS_CHAMPION = "champion"
@@ -40,101 +37,9 @@ MAX_BASE_MB = 500
 # What the model needs at load time, pinned to the versions it was logged with.
 REQUIREMENTS = ["torch", "diffusers", "transformers", "peft", "accelerate", "safetensors", "pillow", "pandas", "numpy"]
 
-_MODEL_CODE = '''"""pxpo policy model (MLflow models-from-code entry point)."""
-import mlflow
 
-from pxpo.registry import DiffusersPolicyModel
-
-mlflow.models.set_model(DiffusersPolicyModel())
-'''
-
-
-class DiffusersPolicyModel(mlflow.pyfunc.PythonModel):
-    """pyfunc wrapper around a diffusers pipeline with the trained policy applied.
-
-    ``predict`` takes a DataFrame with column ``prompt`` and optional ``seed``
-    (default 0), ``num_inference_steps`` and ``guidance_scale`` (defaults: the
-    values the policy was trained/evaluated with) and returns a DataFrame with
-    column ``image``: base64-encoded PNG bytes, one per row (:func:`decode_image`).
-    The logged signature types the columns: ``seed`` and ``num_inference_steps``
-    integers, ``guidance_scale`` a float (MLflow refuses an integer column there).
-
-    Load-time ``model_config`` keys (``mlflow.pyfunc.load_model(uri, model_config=...)``
-    or ``$MLFLOW_PYFUNC_INFERENCE_CONFIG`` when serving): ``device`` (``auto``:
-    CUDA when present), ``dtype``, ``base_model`` / ``revision`` (when the base
-    was not copied into the model), ``sampler``, ``num_inference_steps``, ``guidance_scale``.
-    """
-
-    def load_context(self, context):
-        import torch
-
-        from .models import load_pipeline, load_policy_into, resolve_dtype
-
-        cfg = dict(context.model_config or {})
-        device = cfg.get("device") or "auto"
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = resolve_dtype(cfg.get("dtype") or "float32", device)
-        if "base" in context.artifacts:
-            base, revision, variant = context.artifacts["base"], None, None
-        else:
-            base, revision, variant = cfg["base_model"], cfg.get("revision"), cfg.get("variant")
-        self.pipe = load_pipeline(str(base), revision=revision, variant=variant, dtype=dtype, device=device,
-                                  sampler=cfg.get("sampler") or "ddim")
-        load_policy_into(self.pipe, context.artifacts["policy"])
-        self.pipe.unet.eval().requires_grad_(False)
-        self.config = cfg
-
-    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
-        import torch
-
-        if isinstance(model_input, str):
-            model_input = pd.DataFrame({"prompt": [model_input]})
-        elif not isinstance(model_input, pd.DataFrame):
-            model_input = pd.DataFrame(model_input)
-        if "prompt" not in model_input.columns:
-            raise PxpoInputError("model input", "no `prompt` column", "pass a DataFrame with a `prompt` column")
-        params = params or {}
-        size = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
-        out = []
-        for r in model_input.to_dict("records"):
-            steps = _opt(r.get("num_inference_steps"), params.get("num_inference_steps"), self.config.get("num_inference_steps"), 20)
-            scale = _opt(r.get("guidance_scale"), params.get("guidance_scale"), self.config.get("guidance_scale"), 3.0)
-            seed = _opt(r.get("seed"), params.get("seed"), 0)
-            with torch.no_grad():
-                img = self.pipe(
-                    str(r["prompt"]),
-                    height=size,
-                    width=size,
-                    num_inference_steps=int(steps),
-                    guidance_scale=float(scale),
-                    generator=torch.Generator().manual_seed(int(seed)),
-                ).images[0]
-            buf = io.BytesIO()
-            img.save(buf, format="PNG")
-            out.append(base64.b64encode(buf.getvalue()).decode("ascii"))
-        return pd.DataFrame({"image": out})
-
-
-def _opt(*values):
-    """First value that is neither None nor NaN (optional DataFrame columns come back as NaN)."""
-    for v in values:
-        if v is None:
-            continue
-        try:
-            if isinstance(v, float) and math.isnan(v):
-                continue
-        except TypeError:
-            pass
-        return v
-    return None
-
-
-def decode_image(b64: str):
-    """A ``predict`` output cell -> PIL image."""
-    from PIL import Image
-
-    return Image.open(io.BytesIO(base64.b64decode(b64)))
+def _numeric(metrics: dict | None) -> dict[str, float]:
+    return {k: float(v) for k, v in (metrics or {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def _dir_size(d: Path, stop_after: int | None = None) -> int:
@@ -177,25 +82,10 @@ def _requirements() -> list[str]:
     return reqs
 
 
-def _signature():
-    from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, Schema
-
-    return ModelSignature(
-        inputs=Schema([
-            ColSpec("string", "prompt"),
-            ColSpec("long", "seed", required=False),
-            ColSpec("long", "num_inference_steps", required=False),
-            ColSpec("double", "guidance_scale", required=False),
-        ]),
-        outputs=Schema([ColSpec("string", "image")]),
-    )
-
-
 def log_policy_model(run_id_or_active: str | None = None, *, base_model: str, policy_dir: Path, name: str = "policy",
                      include_base: bool | None = None, metrics: dict | None = None, revision: str | None = None,
                      variant: str | None = None, sampler: str = "ddim", num_steps: int = 20,
-                     guidance_scale: float = 3.0) -> str:
+                     guidance_scale: float = 3.0, negative_prompt: str = "") -> str:
     """Log the policy as a pyfunc model in a run; return its model URI (``models:/m-...``).
 
     Args:
@@ -205,19 +95,23 @@ def log_policy_model(run_id_or_active: str | None = None, *, base_model: str, po
             a LoRA directory or a UNet directory.
         include_base: copy the base pipeline into the model; None: when it is a
             local directory under 500 MB (else only its reference is recorded).
-        metrics: numeric evaluation metrics, recorded in the model's metadata.
+        metrics: evaluation metrics; the numeric ones are logged to the run
+            *and* the logged model (``model_id``), and kept in its metadata.
         revision, variant: of a hub base model (recorded, used at load time).
-        sampler, num_steps, guidance_scale: the sampling defaults of ``predict``.
+        sampler, num_steps, guidance_scale, negative_prompt: the sampling
+            defaults of ``predict`` (the defaults of its ``ParamSchema``).
 
     Raises:
         PxpoInputError: no policy in ``policy_dir``; ``include_base=True`` for a
             base that is not a local directory; no run to log to.
     """
     import mlflow
+    import mlflow.pyfunc
+
+    from ..models import _looks_local
+    from .pyfunc import MODEL_CODE, signature
 
     part, kind = _policy_part(Path(policy_dir))
-    from .models import _looks_local
-
     base_path = Path(base_model).expanduser()
     local_base = base_path.is_dir()
     if not local_base and _looks_local(str(base_model)):
@@ -231,13 +125,11 @@ def log_policy_model(run_id_or_active: str | None = None, *, base_model: str, po
     config = {
         "base_model": base_ref, "revision": revision, "variant": variant, "sampler": sampler,
         "num_inference_steps": int(num_steps), "guidance_scale": float(guidance_scale),
-        "device": "auto", "dtype": "float32",
+        "negative_prompt": negative_prompt or "", "device": "auto", "dtype": "float32",
     }
-    metadata = {
-        "pxpo_version": __version__, "base_model": base_ref, "base_revision": revision, "base_included": bool(include_base),
-        "policy_kind": kind,
-        "metrics": {k: float(v) for k, v in (metrics or {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
-    }
+    nums = _numeric(metrics)
+    metadata = {"pxpo_version": __version__, "base_model": base_ref, "base_revision": revision,
+                "base_included": bool(include_base), "policy_kind": kind, "metrics": nums}
     active = mlflow.active_run()
     run_id = run_id_or_active or (active.info.run_id if active else None)
     if run_id is None:
@@ -248,7 +140,7 @@ def log_policy_model(run_id_or_active: str | None = None, *, base_model: str, po
         code = Path(tmp) / "pxpo"
         shutil.copytree(Path(pxpo.__file__).parent, code, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         script = Path(tmp) / "pxpo_policy_model.py"
-        script.write_text(_MODEL_CODE)
+        script.write_text(MODEL_CODE)
         artifacts = {"policy": str(part)}
         if include_base:
             artifacts["base"] = str(base_path)
@@ -265,30 +157,88 @@ def log_policy_model(run_id_or_active: str | None = None, *, base_model: str, po
                 artifacts=artifacts,
                 code_paths=[str(code)],
                 model_config=config,
-                signature=_signature(),
+                signature=signature(num_steps, guidance_scale, negative_prompt),
                 pip_requirements=_requirements(),
                 metadata=metadata,
             )
+    if nums:
+        mlflow.log_metrics(nums, run_id=run_id, model_id=info.model_id, synchronous=True)
     return info.model_uri
 
 
-def _not_found(e) -> bool:
-    return getattr(e, "error_code", None) == "RESOURCE_DOES_NOT_EXIST"
+# ----- reading a version back ------------------------------------------------------
 
 
-def _champion_metric(client, mv, metric: str) -> float | None:
-    """The champion's ``metric``: its version tag ``metric.<name>``, else its source run's metric."""
-    v = mv.tags.get(f"metric.{metric}")
-    if v is not None:
-        return float(v)
-    if mv.run_id:
+def logged_model_id(model_uri: str, *, client=None, _depth: int = 0) -> str | None:
+    """The ``LoggedModel`` id behind ``models:/m-...``, ``models:/<name>/<version>`` or ``models:/<name>@<alias>``.
+
+    None for other URIs (``runs:/...``, paths) and for versions registered
+    from them.
+    """
+    import mlflow
+
+    if not model_uri.startswith("models:/") or _depth > 4:
+        return None
+    ref = model_uri[len("models:/"):].strip("/")
+    if ref.startswith("m-") and "/" not in ref and "@" not in ref:
+        return ref
+    client = client or mlflow.MlflowClient()
+    if "@" in ref:
+        name, alias = ref.rsplit("@", 1)
+        mv = client.get_model_version_by_alias(name, alias)
+    elif "/" in ref:
+        name, version = ref.rsplit("/", 1)
+        mv = client.get_model_version(name, version)
+    else:
+        return None
+    return _version_model_id(client, mv, _depth + 1)
+
+
+def _version_model_id(client, mv, depth: int = 0) -> str | None:
+    # OSS MLflow 3.x leaves ModelVersion.model_id empty; the source is ``models:/m-...``
+    return getattr(mv, "model_id", None) or logged_model_id(mv.source or "", client=client, _depth=depth)
+
+
+def version_metrics(client, mv) -> dict[str, float]:
+    """Metrics of a model version: its logged model's (the latest value per key, MLflow 3).
+
+    Versions registered by older pxpo have none there; for them the version
+    tags ``metric.<name>`` and then the metrics of the source run are used.
+    """
+    out: dict[str, float] = {}
+    model_id = _version_model_id(client, mv)
+    if model_id:
         try:
-            run_metrics = client.get_run(mv.run_id).data.metrics
+            lm = client.get_logged_model(model_id)
+        except Exception:  # noqa: BLE001 (deleted, or in another store)
+            lm = None
+        for m in sorted((lm.metrics or []) if lm else [], key=lambda m: (m.step, m.timestamp)):
+            out[m.key] = float(m.value)
+    if out:
+        return out
+    out = {k[len("metric."):]: float(v) for k, v in (mv.tags or {}).items() if k.startswith("metric.")}
+    if not out and mv.run_id:
+        try:
+            out = dict(client.get_run(mv.run_id).data.metrics)
         except Exception:  # noqa: BLE001 (run deleted or in another store)
-            return None
-        if metric in run_metrics:
-            return float(run_metrics[metric])
-    return None
+            pass
+    return out
+
+
+def _attach_metrics(client, model_uri: str, metrics: dict[str, float]) -> None:
+    """Log the ``metrics`` its logged model lacks to it (to its source run), so a later gate can read them."""
+    from mlflow.entities import Metric
+
+    model_id = logged_model_id(model_uri, client=client)
+    if not model_id:
+        return
+    lm = client.get_logged_model(model_id)
+    have = {m.key for m in lm.metrics or []}
+    missing = {k: v for k, v in metrics.items() if k not in have}
+    if missing and lm.source_run_id:
+        now = int(time.time() * 1000)
+        client.log_batch(lm.source_run_id, metrics=[Metric(k, v, now, 0, model_id=model_id, run_id=lm.source_run_id)
+                                                     for k, v in missing.items()])
 
 
 def find_version(registered_name: str, source_hash: str, *, client=None) -> str | None:
@@ -305,15 +255,33 @@ def find_version(registered_name: str, source_hash: str, *, client=None) -> str 
     return str(min(versions)) if versions else None
 
 
+def _ensure_registered_model(client, name: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+    except MlflowException as e:
+        if getattr(e, "error_code", None) != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        try:
+            client.create_registered_model(name, description="pxpo policies (RL fine-tuned diffusion models)")
+        except MlflowException as e2:  # created concurrently
+            if getattr(e2, "error_code", None) != "RESOURCE_ALREADY_EXISTS":
+                raise
+
+
 def register_policy(model_uri: str, registered_name: str, *, metrics: dict, primary_metric: str, higher_is_better: bool = True,
                     margin: float = 0.0, validations_passed: bool, source_hash: str, tracking_uri: str | None = None) -> dict:
     """Register (or reuse) a model version, alias it ``challenger``, promote to ``champion`` if it passes.
 
     Gate: ``validations_passed`` and (no champion, or ``metrics[primary_metric]``
     beats the champion's by more than ``margin`` in the direction of
-    ``higher_is_better``). Idempotent: a version of ``registered_name`` tagged
-    with the same ``pxpo.source_hash`` is reused (no new version) and the gate
-    re-evaluated the same way; a version that already is champion stays champion.
+    ``higher_is_better``). The champion's value is read from its logged model's
+    metrics (:func:`version_metrics`); numeric ``metrics`` the challenger's
+    logged model lacks are logged to it first. Idempotent: a version of
+    ``registered_name`` tagged with the same ``pxpo.source_hash`` is reused (no
+    new version) and the gate re-evaluated the same way; a version that
+    already is champion stays champion.
 
     Returns:
         ``{version, promoted, reason, champion_version, champion_metric,
@@ -322,34 +290,19 @@ def register_policy(model_uri: str, registered_name: str, *, metrics: dict, prim
         after the decision, ``previous_champion_*`` the one compared against.
     """
     import mlflow
-    from mlflow.exceptions import MlflowException
 
     if primary_metric not in metrics:
         raise PxpoInputError("primary_metric", f"{primary_metric!r} is not in the metrics", f"use one of {sorted(metrics)}")
     challenger_metric = float(metrics[primary_metric])
     client = mlflow.MlflowClient(tracking_uri) if tracking_uri else mlflow.MlflowClient()
-    try:
-        client.get_registered_model(registered_name)
-    except MlflowException as e:
-        if not _not_found(e):
-            raise
-        try:
-            client.create_registered_model(registered_name, description="pxpo policies (RL fine-tuned diffusion models)")
-        except MlflowException as e2:  # created concurrently
-            if getattr(e2, "error_code", None) != "RESOURCE_ALREADY_EXISTS":
-                raise
+    _ensure_registered_model(client, registered_name)
     existing = find_version(registered_name, source_hash, client=client)
     if existing is not None:
-        version = existing
-        reused = True
+        version, reused = existing, True
     else:
-        tags = {"pxpo.source_hash": source_hash, "pxpo.version": __version__}
-        for k, v in metrics.items():
-            if isinstance(v, (int, float)) and not isinstance(v, bool):
-                tags[f"metric.{k}"] = repr(float(v))
-        mv = mlflow.register_model(model_uri, registered_name, tags=tags)
-        version = str(mv.version)
-        reused = False
+        _attach_metrics(client, model_uri, _numeric(metrics))
+        mv = mlflow.register_model(model_uri, registered_name, tags={"pxpo.source_hash": source_hash, "pxpo.version": __version__})
+        version, reused = str(mv.version), False
     client.set_model_version_tag(registered_name, version, "validation", "passed" if validations_passed else "failed")
     client.set_registered_model_alias(registered_name, ALIAS_CHALLENGER, version)
 
@@ -358,7 +311,7 @@ def register_policy(model_uri: str, registered_name: str, *, metrics: dict, prim
     champ_alias = client.get_registered_model(registered_name).aliases.get(ALIAS_CHAMPION)
     champ = client.get_model_version(registered_name, str(champ_alias)) if champ_alias is not None else None
     champ_version = str(champ.version) if champ is not None else None
-    champ_metric = _champion_metric(client, champ, primary_metric) if champ is not None else None
+    champ_metric = version_metrics(client, champ).get(primary_metric) if champ is not None else None
 
     if not validations_passed:
         promoted, reason = False, "validation did not pass"
@@ -399,6 +352,8 @@ def load_registered_pipeline(model_uri: str, device: str = "cpu", dtype: str = "
     or the ``models:/m-...`` URI :func:`log_policy_model` returned.
     ``device`` ``"auto"`` picks CUDA when present; ``dtype`` as in ``model.dtype``.
     """
+    import mlflow.pyfunc
+
     if not isinstance(dtype, str):  # a torch.dtype
         dtype = str(dtype).removeprefix("torch.")
     model = mlflow.pyfunc.load_model(model_uri, model_config={"device": device, "dtype": dtype})

@@ -12,15 +12,22 @@ Gate (all must hold to promote):
 Idempotent: the model version is keyed by a hash of the policy weights and
 the evaluation, so re-running the stage reuses the version and repeats the
 same decision.
+
+The run records: the config (params), MLflow's git source tags and the DVC /
+KFP provenance tags (:func:`pxpo.mlflow.tracking.standard_tags`), the prompt
+dataset as dataset inputs (:mod:`pxpo.mlflow.datasets`), per-epoch training
+metrics, the evaluation metrics (also on the logged model), and the
+evaluation images.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from pathlib import Path
 
-from .errors import PxpoInputError
+from ..errors import PxpoInputError
 
 
 def _hash_dir(d: Path, h) -> None:
@@ -51,18 +58,27 @@ def read_validation_reports(paths: list[Path]) -> tuple[bool, list[str]]:
     return not failed, failed
 
 
-def gate_and_register(cfg, *, policy_dir: Path, eval_dir: Path, tracking_uri: str, validation_reports: list[Path], out: Path | None) -> dict:
-    """Log the run and the model, register it as challenger, promote if the gate passes."""
-    from .timing import timed
+def gate_and_register(cfg, *, policy_dir: Path, eval_dir: Path, tracking_uri: str, validation_reports: list[Path],
+                      out: Path | None, prompts: str | Path | None = None) -> dict:
+    """Log the run and the model, register it as challenger, promote if the gate passes.
+
+    ``prompts``: the prompt dataset the policy was trained on (a ``pxpo prepare``
+    directory, a prompt file or ``digits``), logged as the run's dataset
+    inputs; default ``cfg.prompts.source``.
+    """
+    from ..timing import timed
 
     with timed("mlflow"):
-        return _gate_and_register(cfg, policy_dir=policy_dir, eval_dir=eval_dir, tracking_uri=tracking_uri, validation_reports=validation_reports, out=out)
+        return _gate_and_register(cfg, policy_dir=policy_dir, eval_dir=eval_dir, tracking_uri=tracking_uri,
+                                  validation_reports=validation_reports, out=out,
+                                  prompts=str(prompts) if prompts is not None else cfg.prompts.source)
 
 
-def _gate_and_register(cfg, *, policy_dir, eval_dir, tracking_uri, validation_reports, out) -> dict:
-    from .registry import log_policy_model, register_policy
-    from .storage import write_json
-    from .tracking_mlflow import MlflowTracker, standard_tags
+def _gate_and_register(cfg, *, policy_dir, eval_dir, tracking_uri, validation_reports, out, prompts) -> dict:
+    from ..storage import write_json
+    from .datasets import log_prompt_datasets
+    from .model_registry import log_policy_model, register_policy
+    from .tracking import MlflowTracker, standard_tags
 
     metrics_file = Path(eval_dir) / "metrics.json"
     if not metrics_file.is_file():
@@ -80,7 +96,11 @@ def _gate_and_register(cfg, *, policy_dir, eval_dir, tracking_uri, validation_re
     with tracker.start(run_name="pxpo-register"):
         tracker.set_tags({**standard_tags(Path.cwd()), "pxpo.stage": "register"})
         tracker.log_params(cfg.to_dict())
-        tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}, step=0)
+        try:
+            log_prompt_datasets(prompts)
+        except PxpoInputError as e:  # lineage only: a missing prompt dataset does not block the gate
+            warnings.warn(f"prompt dataset not logged as run input: {e}", stacklevel=2)
+            tracker.set_tags({"pxpo.prompts.not_logged": str(e)})
         hist = Path(policy_dir) / "metrics.jsonl"
         if hist.is_file():
             for line in hist.read_text().splitlines():
@@ -98,7 +118,8 @@ def _gate_and_register(cfg, *, policy_dir, eval_dir, tracking_uri, validation_re
             sampler=cfg.sample.sampler,
             num_steps=cfg.sample.num_steps,
             guidance_scale=cfg.sample.guidance_scale,
-        )
+            negative_prompt=cfg.prompts.negative_prompt,
+        )  # logs the evaluation metrics to the run and to the logged model
         decision = register_policy(
             model_uri,
             r.model_name,
