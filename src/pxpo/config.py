@@ -1,281 +1,345 @@
 """One typed, validated config; ``params.yaml`` is its single source.
 
-Sections mirror the stages: ``model``, ``prompts``, ``sample``, ``reward``,
-``train``, plus top-level ``seed`` and ``output_dir``. The CLI, DVC stages and
-KFP components all build a :class:`Config` with :func:`load_config`, then apply
-``section.field=value`` overrides from the command line.
-
-Sizes are PER PROCESS (per GPU under ``accelerate launch``) unless a field
-says otherwise.
+Sections mirror the stages (``model``, ``prompts``, ``sample``, ``reward``, ``train``, ``base``, ``prepare``,
+``evaluate``, ``register``, ``pipeline``) plus top-level ``seed`` and ``output_dir``. The CLI, DVC stages and
+KFP components build a :class:`Config` with :func:`load_config`, which applies ``section.field=value``
+overrides. Each section is a pydantic model forbidding unknown keys; a bad value, unknown key or override
+is a :class:`~pxpo.errors.PxpoInputError` naming the file (or "command line"), the dotted field and the fix.
+Sizes are PER PROCESS (per GPU under ``accelerate launch``) unless a field says otherwise.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
+import datetime
+import difflib
+import warnings
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, ValidationError, ValidationInfo, model_validator
+from pydantic_core import PydanticCustomError
 
 from .errors import PxpoInputError
 
 
-@dataclass
-class ModelConfig:
-    path: str = "models/base"  # diffusers pipeline directory or hub id (SD 1.x/2.x)
-    revision: str | None = None  # hub revision (branch, tag or commit)
-    variant: str | None = None  # weight variant to load, e.g. "fp16"
-    dtype: str = "auto"  # "auto" (fp32 on CPU, fp16 on CUDA), "float32", "float16", "bfloat16"
+def _not_bool(value):
+    if isinstance(value, bool):
+        raise PydanticCustomError("bool_not_number", "a boolean is not a number")
+    return value
 
 
-@dataclass
-class PromptConfig:
-    source: str = "digits"  # "digits" (embedded: "a handwritten digit N") or a .txt/.jsonl file
-    negative_prompt: str = ""  # uncond text for classifier-free guidance (same at train time)
+def _scalar_to_str(value):
+    if isinstance(value, (int, float, datetime.date)) and not isinstance(value, bool):
+        return str(value)  # YAML turns `revision: 1234` or `output_dir: 2024-01-01` into numbers/dates
+    return value
 
 
-@dataclass
-class SampleConfig:
-    sampler: str = "ddim"  # "ddim" (stochastic DDIM, eta > 0) or "lcm" (multi-step consistency sampling, RLCM)
-    num_steps: int = 20  # denoising steps T (DDIM: 20-50; LCM: 2-8)
-    eta: float = 1.0  # DDIM stochasticity; must be > 0 to train on the samples
-    guidance_scale: float = 3.0  # classifier-free guidance w (<= 1 disables CFG)
-    batch_size: int = 32  # samples per UNet batch, per process
-    num_batches: int = 1  # batches per epoch, per process (samples/epoch = batch_size * num_batches * processes)
+Int = Annotated[int, BeforeValidator(_not_bool)]
+Float = Annotated[float, BeforeValidator(_not_bool)]
+Str = Annotated[str, BeforeValidator(_scalar_to_str)]
 
 
-@dataclass
-class RewardConfig:
-    name: str = "brightness_target"  # a labeller in pxpo.core.rewards.REGISTRY
-    kwargs: dict[str, Any] = field(default_factory=lambda: {"layout": "left_bright"})
+def _fail(field: str, problem: str, fix: str) -> PydanticCustomError:  # a cross-field check; field relative to the model
+    return PydanticCustomError("pxpo", "{problem}", {"field": field, "problem": problem, "fix": fix})
 
 
-@dataclass
-class TrainConfig:
-    algorithm: str = "pxpo"  # "pxpo" (per-element advantages) or "ddpo" (scalar: the map's mean)
-    loss: str = "ppo"  # "ppo" (clipped ratio) or "sf" (score function)
-    ratio: str = "element"  # PXPO ratio: "element" or "mean" (DDPO's ratio, per-element advantage)
-    baseline: str = "position"  # PXPO advantage baseline: "position" (mean map) or "scalar"
-    epochs: int = 20  # outer epochs (sample -> label -> train)
-    inner_epochs: int = 1  # passes over each epoch's samples
-    batch_size: int = 8  # samples per training micro-batch, per process
-    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step (times the trained timesteps)
-    timestep_fraction: float = 1.0  # fraction of the T timesteps trained per sample
-    learning_rate: float = 3e-4
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    weight_decay: float = 1e-4
-    adam_epsilon: float = 1e-8
-    max_grad_norm: float = 1.0
-    clip_range: float = 1e-4  # PPO clip epsilon (a tuned parameter for per-element ratios)
-    adv_clip_max: float = 5.0  # advantages clipped to +- this
-    buffer_size: int = 32  # per-prompt reward buffer (stat tracking)
-    min_count: int = 16  # buffered rewards before a prompt's own stats are used
-    use_lora: bool = True  # LoRA on the UNet attention (else full fine-tuning)
-    lora_rank: int = 4
-    lora_alpha: float = 4.0
-    mixed_precision: str = "auto"  # "auto" (fp16 on CUDA, none on CPU), "no", "fp16", "bf16"
-    save_every: int = 5  # checkpoint every N epochs (and at the end)
-    keep_checkpoints: int = 2  # newest checkpoints kept
+class _Section(BaseModel):
+    """Base of every config model: unknown keys forbidden, assignments validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        try:
+            super().__setattr__(name, value)
+        except ValidationError as e:
+            section = _SECTION_OF.get(type(self))
+            raise _input_error(e, "assignment", prefix=(section,) if section else ()) from None
 
 
-@dataclass
-class PrepareConfig:
-    input: str = "data/prompts.csv"  # raw prompts: .csv (prompt[,weight][,split]), .jsonl or .txt
-    heldout_fraction: float = 0.2  # share of prompts WITHOUT an explicit split sent to held-out (stable hash)
-    min_heldout: int = 1  # validation: at least this many held-out prompts
-    max_heldout_fraction: float = 0.5  # validation: at most this share held out
-    min_length: int = 1  # validation: prompt length bounds (characters)
-    max_length: int = 300
+class ModelConfig(_Section):
+    path: Str = Field("models/base", description="The diffusers pipeline directory or hub id (SD 1.x/2.x).")
+    revision: Str | None = Field(None, description="The hub revision (branch, tag or commit).")
+    variant: Str | None = Field(None, description='The weight variant to load, e.g. "fp16".')
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field("auto", description='The weight dtype; "auto" is fp32 on CPU, fp16 on CUDA.')
 
 
-@dataclass
-class EvaluateConfig:
-    samples_per_prompt: int = 8  # samples per held-out prompt (same seeds for base and policy)
-    seed: int = 12345
+class PromptConfig(_Section):
+    source: Str = Field("digits", description='"digits" (embedded "a handwritten digit N" prompts) or a .txt/.jsonl file.')
+    negative_prompt: Str = Field("", description="The uncond text for classifier-free guidance (the same at train time).")
 
 
-@dataclass
-class RegisterConfig:
-    model_name: str = "pxpo-digits"  # MLflow registered model name
-    experiment: str = "pxpo"  # MLflow experiment
-    primary_metric: str = "reward_mean"  # evaluation metric that gates promotion
-    higher_is_better: bool = True
-    margin: float = 0.0  # challenger must beat the champion by more than this
-    min_gain: float = 0.0  # and beat its own base model by more than this (reward_gain)
+class SampleConfig(_Section):
+    sampler: Literal["ddim", "lcm"] = Field("ddim", description='"ddim" (stochastic DDIM, eta > 0) or "lcm" (multi-step consistency sampling, RLCM).')
+    num_steps: Int = Field(20, ge=1, description="The denoising steps T (DDIM: 20-50; LCM: 2-8).")
+    eta: Float = Field(1.0, description="The DDIM stochasticity, which must be > 0 to train on the samples.")
+    guidance_scale: Float = Field(3.0, description="The classifier-free guidance scale w (<= 1 disables CFG).")
+    batch_size: Int = Field(32, ge=1, description="Samples per UNet batch, per process.")
+    num_batches: Int = Field(1, ge=1, description="Batches per epoch, per process (samples/epoch = batch_size * num_batches * processes).")
 
-
-@dataclass
-class PipelineConfig:
-    rounds: int = 3  # KFP: unrolled rounds of sample -> label -> train (compile-time)
-    epochs_per_round: int = 1  # epochs each train component runs (first from the stage's samples)
-
-
-@dataclass
-class Config:
-    seed: int = 0
-    output_dir: str = "runs/default"
-    model: ModelConfig = field(default_factory=ModelConfig)
-    prompts: PromptConfig = field(default_factory=PromptConfig)
-    sample: SampleConfig = field(default_factory=SampleConfig)
-    reward: RewardConfig = field(default_factory=RewardConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    prepare: PrepareConfig = field(default_factory=PrepareConfig)
-    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
-    register: RegisterConfig = field(default_factory=RegisterConfig)
-    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
-
-    def validate(self, source: str = "config") -> Config:
-        """Check cross-field constraints; raise :class:`PxpoInputError` naming the field."""
-
-        def bad(fieldname, problem, fix):
-            raise PxpoInputError(f"{source}: {fieldname}", problem, fix)
-
-        s, t = self.sample, self.train
-        if s.num_steps < 1:
-            bad("sample.num_steps", f"must be >= 1, got {s.num_steps}", "set a positive number of DDIM steps")
-        if s.sampler not in ("ddim", "lcm"):
-            bad("sample.sampler", f"unknown sampler {s.sampler!r}", "use ddim or lcm")
-        if s.sampler == "lcm" and s.num_steps > 50:
-            bad("sample.num_steps", f"{s.num_steps} consistency steps exceed the 50-step skipping schedule", "use 2-8 steps with sampler lcm")
-        if s.sampler == "ddim" and not s.eta > 0:
-            bad(
-                "sample.eta",
-                f"eta={s.eta} makes DDIM deterministic and the log-probability undefined",
-                "set sample.eta > 0 (1.0 is the usual choice)",
-            )
-        for name in ("batch_size", "num_batches"):
-            if getattr(s, name) < 1:
-                bad(f"sample.{name}", f"must be >= 1, got {getattr(s, name)}", "set a positive integer")
-        if t.batch_size < 1:
-            bad("train.batch_size", f"must be >= 1, got {t.batch_size}", "set a positive integer")
-        total = s.batch_size * s.num_batches
-        if total % t.batch_size:
-            bad(
-                "train.batch_size",
-                f"{t.batch_size} does not divide the {total} samples per epoch "
-                f"(sample.batch_size {s.batch_size} x sample.num_batches {s.num_batches})",
-                "choose train.batch_size dividing sample.batch_size * sample.num_batches",
-            )
-        if (total // t.batch_size) % t.gradient_accumulation_steps:
-            bad(
-                "train.gradient_accumulation_steps",
-                f"{t.gradient_accumulation_steps} does not divide the {total // t.batch_size} micro-batches per epoch",
-                "choose gradient_accumulation_steps dividing (samples per epoch / train.batch_size)",
-            )
-        if not 0 < t.timestep_fraction <= 1:
-            bad("train.timestep_fraction", f"must be in (0, 1], got {t.timestep_fraction}", "use e.g. 1.0 or 0.5")
-        choices = {
-            "algorithm": ("pxpo", "ddpo"),
-            "loss": ("ppo", "sf"),
-            "ratio": ("element", "mean"),
-            "baseline": ("position", "scalar"),
-            "mixed_precision": ("auto", "no", "fp16", "bf16"),
-        }
-        for name, allowed in choices.items():
-            if getattr(t, name) not in allowed:
-                bad(f"train.{name}", f"unknown value {getattr(t, name)!r}", f"use one of {', '.join(allowed)}")
-        from .core.rewards import REGISTRY
-
-        if self.reward.name not in REGISTRY:
-            bad(
-                "reward.name",
-                f"unknown labeller {self.reward.name!r}",
-                f"use one of {', '.join(sorted(REGISTRY))} (`pxpo labellers` lists them)",
-            )
-        if self.model.dtype not in ("auto", "float32", "float16", "bfloat16"):
-            bad("model.dtype", f"unknown dtype {self.model.dtype!r}", "use auto, float32, float16 or bfloat16")
-        for name in ("epochs", "inner_epochs", "buffer_size", "min_count", "save_every", "keep_checkpoints"):
-            if getattr(t, name) < 1:
-                bad(f"train.{name}", f"must be >= 1, got {getattr(t, name)}", "set a positive integer")
-        if t.min_count > t.buffer_size:
-            bad(
-                "train.min_count",
-                f"min_count {t.min_count} exceeds buffer_size {t.buffer_size}, so a prompt's stats would never be used",
-                "set train.min_count <= train.buffer_size",
-            )
-        if not t.learning_rate > 0 or not t.clip_range > 0 or not t.max_grad_norm > 0:
-            bad("train.learning_rate/clip_range/max_grad_norm", "must be > 0", "set positive values")
-        if self.train.use_lora and t.lora_rank < 1:
-            bad("train.lora_rank", f"must be >= 1, got {t.lora_rank}", "set a positive rank or train.use_lora=false")
-        pr = self.prepare
-        if not 0 <= pr.heldout_fraction < 1:
-            bad("prepare.heldout_fraction", f"must be in [0, 1), got {pr.heldout_fraction}", "use e.g. 0.2")
-        if self.evaluate.samples_per_prompt < 1:
-            bad("evaluate.samples_per_prompt", "must be >= 1", "set a positive integer")
-        if self.pipeline.rounds < 1 or self.pipeline.epochs_per_round < 1:
-            bad("pipeline.rounds/epochs_per_round", "must be >= 1", "set positive integers")
+    @model_validator(mode="after")
+    def _check(self) -> SampleConfig:
+        if self.sampler == "lcm" and self.num_steps > 50:
+            raise _fail("num_steps", f"{self.num_steps} consistency steps exceed the 50-step skipping schedule", "use 2-8 steps with sampler lcm")
+        if self.sampler == "ddim" and not self.eta > 0:
+            raise _fail("eta", f"eta={self.eta} makes DDIM deterministic and the log-probability undefined", "set sample.eta > 0 (1.0 is the usual choice)")
         return self
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+
+class RewardConfig(_Section):
+    name: Str = Field("brightness_target", description="A labeller in pxpo.core.rewards.REGISTRY (`pxpo labellers` lists them).")
+    kwargs: dict[str, Any] = Field(default_factory=lambda: {"layout": "left_bright"}, description="Keyword arguments of the labeller.")
+
+    @model_validator(mode="after")
+    def _check(self) -> RewardConfig:
+        from .core.rewards import REGISTRY
+
+        if self.name not in REGISTRY:
+            raise _fail("name", f"unknown labeller {self.name!r}", f"use one of {', '.join(sorted(REGISTRY))} (`pxpo labellers` lists them)")
+        return self
 
 
-def _build(cls, data: dict, where: str):
-    if not isinstance(data, dict):
-        raise PxpoInputError(where, f"expected a mapping, got {type(data).__name__}", "write key: value pairs")
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in data.items():
-        if key not in known:
-            raise PxpoInputError(
-                f"{where}.{key}" if where else key,
-                "unknown field",
-                f"use one of {', '.join(sorted(known))}",
-            )
-        default = known[key].default_factory() if known[key].default_factory is not dataclasses.MISSING else None
-        if dataclasses.is_dataclass(default):
-            kwargs[key] = _build(type(default), value, f"{where}.{key}" if where else key)
-        else:
-            kwargs[key] = _coerce(value, known[key], f"{where}.{key}" if where else key)
-    return cls(**kwargs)
+class TrainConfig(_Section):
+    algorithm: Literal["pxpo", "ddpo"] = Field("pxpo", description='"pxpo" (per-element advantages) or "ddpo" (scalar: the map\'s mean).')
+    loss: Literal["ppo", "sf"] = Field("ppo", description='"ppo" (clipped ratio) or "sf" (score function).')
+    ratio: Literal["element", "mean"] = Field("element", description='The PXPO ratio: "element" or "mean" (DDPO\'s ratio, per-element advantage).')
+    baseline: Literal["position", "scalar"] = Field("position", description='The PXPO advantage baseline: "position" (mean map) or "scalar".')
+    epochs: Int = Field(20, ge=1, description="Outer epochs (sample -> label -> train).")
+    inner_epochs: Int = Field(1, ge=1, description="Passes over each epoch's samples.")
+    batch_size: Int = Field(8, ge=1, description="Samples per training micro-batch, per process.")
+    gradient_accumulation_steps: Int = Field(1, ge=1, description="Micro-batches per optimizer step (times the trained timesteps).")
+    timestep_fraction: Float = Field(1.0, gt=0, le=1, description="The fraction of the T timesteps trained per sample.")
+    learning_rate: Float = Field(3e-4, gt=0, description="The AdamW learning rate.")
+    adam_beta1: Float = Field(0.9, description="The AdamW first-moment decay.")
+    adam_beta2: Float = Field(0.999, description="The AdamW second-moment decay.")
+    weight_decay: Float = Field(1e-4, description="The AdamW weight decay.")
+    adam_epsilon: Float = Field(1e-8, description="The AdamW epsilon.")
+    max_grad_norm: Float = Field(1.0, gt=0, description="Gradients are clipped to this global norm.")
+    clip_range: Float = Field(1e-4, gt=0, description="The PPO clip epsilon (a tuned parameter for per-element ratios).")
+    adv_clip_max: Float = Field(5.0, description="Advantages are clipped to +- this.")
+    buffer_size: Int = Field(32, ge=1, description="The per-prompt reward buffer (stat tracking).")
+    min_count: Int = Field(16, ge=1, description="Buffered rewards needed before a prompt's own stats are used.")
+    use_lora: StrictBool = Field(True, description="LoRA on the UNet attention (else full fine-tuning).")
+    lora_rank: Int = Field(4, description="The LoRA rank.")
+    lora_alpha: Float = Field(4.0, description="The LoRA alpha (scale = alpha / rank).")
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field("auto", description='"auto" (fp16 on CUDA, none on CPU), "no", "fp16" or "bf16".')
+    save_every: Int = Field(5, ge=1, description="A checkpoint is saved every N epochs (and at the end).")
+    keep_checkpoints: Int = Field(2, ge=1, description="The newest checkpoints kept.")
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if self.min_count > self.buffer_size:
+            problem = f"min_count {self.min_count} exceeds buffer_size {self.buffer_size}, so a prompt's stats would never be used"
+            raise _fail("min_count", problem, "set train.min_count <= train.buffer_size")
+        if self.use_lora and self.lora_rank < 1:
+            raise _fail("lora_rank", f"must be >= 1, got {self.lora_rank}", "set a positive rank or train.use_lora=false")
+        return self
 
 
-def _coerce(value, f: dataclasses.Field, where: str):
-    typ = str(f.type)
-    if value is None:
-        if "None" in typ:
-            return None
-        raise PxpoInputError(where, "must not be empty", "give a value")
-    try:
-        if typ == "int":
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError
-            return int(value)
-        if typ == "float":
-            if isinstance(value, bool):
-                raise ValueError
-            return float(value)
-        if typ == "bool":
-            if not isinstance(value, bool):
-                raise ValueError
+class BaseConfig(_Section):
+    vae_steps: Int = Field(600, ge=0, description="VAE pretraining steps of `pxpo base build` (DVC stage base).")
+    unet_steps: Int = Field(3000, ge=0, description="UNet + text encoder pretraining steps of `pxpo base build`.")
+    lcm_steps: Int = Field(1000, ge=0, description="Consistency distillation steps into models/lcm (sampler lcm).")
+
+
+class PrepareConfig(_Section):
+    input: Str = Field("data/prompts.csv", description="The raw prompts: .csv (prompt[,weight][,split]), .jsonl or .txt.")
+    heldout_fraction: Float = Field(0.2, ge=0, lt=1, description="The share of prompts WITHOUT an explicit split sent to held-out (stable hash).")
+    min_heldout: Int = Field(1, description="Validation requires at least this many held-out prompts.")
+    max_heldout_fraction: Float = Field(0.5, description="Validation allows at most this share held out.")
+    min_length: Int = Field(1, description="Validation: the shortest allowed prompt (characters).")
+    max_length: Int = Field(300, description="Validation: the longest allowed prompt (characters).")
+
+
+class EvaluateConfig(_Section):
+    samples_per_prompt: Int = Field(8, ge=1, description="Samples per held-out prompt (the same seeds for base and policy).")
+    seed: Int = Field(12345, description="The seed of the evaluation samples.")
+
+
+class RegisterConfig(_Section):
+    model_name: Str = Field("pxpo-digits", description="The MLflow registered model name.")
+    experiment: Str = Field("pxpo", description="The MLflow experiment.")
+    primary_metric: Str = Field("reward_mean", description="The evaluation metric that gates promotion.")
+    higher_is_better: StrictBool = Field(True, description="Whether a larger primary metric is better.")
+    margin: Float = Field(0.0, description="The challenger must beat the champion by more than this.")
+    min_gain: Float = Field(0.0, description="The challenger must also beat its own base model by more than this (reward_gain).")
+
+
+class PipelineConfig(_Section):
+    rounds: Int = Field(3, ge=1, description="KFP: unrolled rounds of sample -> label -> train (compile-time).")
+    epochs_per_round: Int = Field(1, ge=1, description="Epochs each train component runs (the first from the stage's samples).")
+
+
+class _Absent:
+    """Stands in for a top-level key not passed to this task: any use raises."""
+
+    __slots__ = ("_key",)
+
+    def __init__(self, key: str):
+        object.__setattr__(self, "_key", key)
+
+    def error(self, attr: str | None = None) -> PxpoInputError:
+        where, key = self._key if attr is None else f"{self._key}.{attr}", self._key
+        return PxpoInputError(where, f"{key!r} was not passed to this task", f"add {key!r} to the stage's sections in the pipeline")
+
+    def __getattr__(self, name: str):
+        if name.startswith("__") or name == "_key":  # keep copy/pickle/introspection protocols working
+            raise AttributeError(name)
+        raise self.error(name)
+
+    def __reduce__(self):  # pickle and deepcopy
+        return _Absent, (self._key,)
+
+    def __eq__(self, other) -> bool:
+        return type(other) is _Absent and other._key == self._key
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise self.error(name)
+
+    def __repr__(self) -> str:
+        return f"<{self._key}: not passed to this task>"
+
+
+# The field `register` shadows ABCMeta.register of the model class, which nothing here uses.
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message='Field name "register"', category=UserWarning)
+
+    class Config(_Section):
+        """The whole configuration: params.yaml's top-level keys, each section a model."""
+
+        seed: Int = Field(0, description="The seed of prompts, noise and LoRA initialisation.")
+        output_dir: Str = Field("runs/default", description="The run directory (metrics, checkpoints, policy).")
+        model: ModelConfig = Field(default_factory=ModelConfig)
+        prompts: PromptConfig = Field(default_factory=PromptConfig)
+        sample: SampleConfig = Field(default_factory=SampleConfig)
+        reward: RewardConfig = Field(default_factory=RewardConfig)
+        train: TrainConfig = Field(default_factory=TrainConfig)
+        base: BaseConfig = Field(default_factory=BaseConfig)
+        prepare: PrepareConfig = Field(default_factory=PrepareConfig)
+        evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+        register: RegisterConfig = Field(default_factory=RegisterConfig)
+        pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+
+        @model_validator(mode="after")
+        def _check(self, info: ValidationInfo) -> Config:
+            s, t = self.__dict__["sample"], self.__dict__["train"]
+            sections = (info.context or {}).get("sections")
+            if isinstance(s, _Absent) or isinstance(t, _Absent) or (sections is not None and not {"sample", "train"} <= sections):
+                return self  # a restricted task: the full params were checked when the pipeline was compiled
+            total = s.batch_size * s.num_batches
+            if total % t.batch_size:
+                problem = f"{t.batch_size} does not divide the {total} samples per epoch (sample.batch_size {s.batch_size} x sample.num_batches {s.num_batches})"
+                raise _fail("train.batch_size", problem, "choose train.batch_size dividing sample.batch_size * sample.num_batches")
+            if (total // t.batch_size) % t.gradient_accumulation_steps:
+                problem = f"{t.gradient_accumulation_steps} does not divide the {total // t.batch_size} micro-batches per epoch"
+                raise _fail("train.gradient_accumulation_steps", problem, "choose gradient_accumulation_steps dividing (samples per epoch / train.batch_size)")
+            return self
+
+        def __getattribute__(self, name: str):
+            value = super().__getattribute__(name)
+            if type(value) is _Absent and name in _SCALARS:
+                raise value.error()
             return value
-        if typ.startswith("str"):
-            return str(value)
-        if typ.startswith("dict") and not isinstance(value, dict):
-            raise ValueError
-    except (TypeError, ValueError):
-        raise PxpoInputError(where, f"{value!r} is not a valid {typ}", f"give a {typ} value") from None
-    return value
+
+        def to_dict(self) -> dict:
+            """Plain nested dict of the config (only the passed sections of a restricted config)."""
+            return self.model_dump()
+
+        def model_dump(self, **kwargs) -> dict:  # a restricted config dumps its passed keys only
+            return super().model_dump(**{"include": {k for k, v in self.__dict__.items() if type(v) is not _Absent}, **kwargs})
+
+
+def _is_model(annotation) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
+
+
+KEYS = tuple(Config.model_fields)  # the top-level keys of params.yaml, in order
+_SCALARS = frozenset(k for k, f in Config.model_fields.items() if not _is_model(f.annotation))  # seed, output_dir
+_SECTION_OF = {f.annotation: k for k, f in Config.model_fields.items() if k not in _SCALARS}  # TrainConfig -> "train"
+
+
+# --- errors: pydantic's ValidationError -> PxpoInputError(file: field, problem, fix) ---
+
+# What a failed type check expected, by pydantic error type prefix (first match wins).
+_KINDS = {"bool_not_number": "a number", "int": "an integer", "float": "a number", "bool": "a boolean (true or false)",
+          "string": "a string", "dict": "a mapping", "model": "a mapping of fields"}
+
+
+def _choose(name: str, valid: list[str] | tuple[str, ...]) -> str:
+    """The fix for an unknown name: the valid ones and the closest."""
+    close = difflib.get_close_matches(name, valid, n=1)
+    return f"use one of {', '.join(valid)}" + (f"; did you mean {close[0]!r}?" if close else "")
+
+
+def _problem_and_fix(err: dict, loc: tuple[str, ...]) -> tuple[str, str]:
+    typ, ctx, value = err["type"], err.get("ctx") or {}, err.get("input")
+    cls = Config  # the model holding loc[-1]
+    for part in loc[:-1]:
+        cls = getattr(cls.model_fields.get(part), "annotation", None) if _is_model(cls) else None
+    if typ == "pxpo":
+        return ctx["problem"], ctx["fix"]
+    if typ == "extra_forbidden":
+        return f"unknown key {loc[-1]!r}", _choose(loc[-1], sorted(cls.model_fields) if _is_model(cls) else [])
+    if typ == "literal_error":
+        return f"unknown value {value!r}", f"use one of {', '.join(get_args(cls.model_fields[loc[-1]].annotation))}"
+    if typ in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        op = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}[typ]
+        bound = next(iter(ctx.values()))
+        return f"must be {op} {bound}, got {value!r}", f"set a value {op} {bound}"
+    kind = next((k for prefix, k in _KINDS.items() if typ.startswith(prefix)), "a valid value")
+    if value is None:
+        return "must not be empty (null)", f"give {kind}"
+    if kind == "a mapping of fields":
+        return f"expected a mapping of fields, got {type(value).__name__}", "write key: value pairs under it"
+    return f"{value!r} is not {kind}", f"give {kind}"
+
+
+def _input_error(e: ValidationError, source: str, prefix: tuple = (), overridden: Iterable[str] = ()) -> PxpoInputError:
+    """The first error of ``e`` as a PxpoInputError naming the source, the dotted field and the fix."""
+    errors = e.errors(include_url=False)
+    locs = [prefix + tuple(map(str, er["loc"])) + (tuple(er["ctx"]["field"].split(".")) if er["type"] == "pxpo" else ()) for er in errors]
+    err, loc, dotted = errors[0], locs[0], ".".join(locs[0])
+    problem, fix = _problem_and_fix(err, loc)
+    if len(errors) > 1:
+        problem += f" (also: {', '.join('.'.join(lc) for lc in locs[1:])})"
+    # Blame the command line for a field it set; for a cross-field check, when it set one of the sections involved.
+    where = source
+    involved = {loc[0]} if prefix or err["loc"] else {"sample", "train"}
+    if any(dotted == k or dotted.startswith(k + ".") or k.startswith(dotted + ".") for k in overridden):
+        where = "command line"
+    elif err["type"] == "pxpo" and any(k.split(".")[0] in involved for k in overridden):
+        where = "command line" if source == "defaults" else f"{source} with command-line overrides"
+    return PxpoInputError(f"{where}: {dotted}", problem, fix)
 
 
 def _set_dotted(data: dict, dotted: str, value) -> None:
     keys = dotted.split(".")
     node = data
-    for k in keys[:-1]:
+    for i, k in enumerate(keys[:-1]):
         node = node.setdefault(k, {})
-        if not isinstance(node, dict):
-            raise PxpoInputError(dotted, f"{k} is not a section", "override a field inside a section")
+        if not isinstance(node, dict) or (i == 0 and k in _SCALARS):
+            raise PxpoInputError(f"command line: {dotted}", f"{'.'.join(keys[: i + 1])} is not a section", "override a field inside a section")
     node[keys[-1]] = value
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Build the config from ``params.yaml`` (if given/existing) and ``key=value`` overrides.
+def _check_sections(sections: Iterable[str]) -> frozenset[str]:
+    sections = frozenset([sections] if isinstance(sections, str) else sections)
+    for name in sorted(sections - set(KEYS)):
+        raise PxpoInputError(f"sections: {name}", "unknown section", _choose(name, KEYS))
+    return sections
 
-    Only the known sections are read; other top-level sections of params.yaml
-    (used by later pipeline stages) are ignored. Values of overrides are parsed
-    as YAML (``train.lr=1e-4``, ``reward.kwargs={layout: top_bright}``).
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, *, sections: Iterable[str] | None = None) -> Config:
+    """Build the config from ``params.yaml`` (if given) and ``section.field=value`` overrides.
+
+    Values of overrides are parsed as YAML (``train.learning_rate=1e-4``,
+    ``reward.kwargs={layout: top_bright}``). Unknown keys anywhere are errors.
+
+    ``sections`` (e.g. ``{"seed", "model", "prompts", "sample"}``) restricts the result to those
+    top-level keys, for a Kubeflow task given only its sections: the others become stand-ins
+    that raise :class:`PxpoInputError` when used (a scalar such as ``seed`` when read), and
+    ``to_dict``/``dump_config`` leave them out. Checks spanning a missing section are skipped.
     """
     data: dict = {}
     source = "defaults"
@@ -284,26 +348,50 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not p.exists():
             raise PxpoInputError(str(p), "params file not found", "pass an existing params.yaml with --params")
         try:
-            raw = yaml.safe_load(p.read_text()) or {}
+            data = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:
             raise PxpoInputError(str(p), f"not valid YAML ({e})", "fix the YAML syntax") from None
-        if not isinstance(raw, dict):
+        if not isinstance(data, dict):
             raise PxpoInputError(str(p), "top level must be a mapping of sections", "write `train:` etc. sections")
-        known = {f.name for f in dataclasses.fields(Config)}
-        data = {k: v for k, v in raw.items() if k in known}
         source = str(p)
+    overridden = []
     for item in overrides or []:
         if "=" not in item:
-            raise PxpoInputError(f"override {item!r}", "expected section.field=value", "write e.g. train.epochs=5")
-        key, value = item.split("=", 1)
+            raise PxpoInputError(f"command line: {item!r}", "expected section.field=value", "write e.g. train.epochs=5")
+        key, value = (s.strip() for s in item.split("=", 1))
         try:
             parsed = yaml.safe_load(value) if value != "" else ""
         except yaml.YAMLError:
             parsed = value
-        _set_dotted(data, key.strip(), parsed)
-    return _build(Config, data, "").validate(source)
+        _set_dotted(data, key, parsed)
+        overridden.append(key)
+    sections = _check_sections(sections) if sections is not None else None
+    try:
+        cfg = Config.model_validate(data, context={"sections": sections})
+    except ValidationError as e:
+        raise _input_error(e, source, overridden=overridden) from None
+    if sections is not None:
+        for key in KEYS:
+            if key not in sections:
+                cfg.__dict__[key] = _Absent(key)
+    return cfg
 
 
 def dump_config(cfg: Config) -> str:
-    """The config as params.yaml text (sections in order)."""
+    """The config as params.yaml text (sections in order; only the passed ones if restricted)."""
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def section_yaml(data_or_cfg: Mapping | Config | str, sections: Iterable[str]) -> str:
+    """YAML text of only the ``sections`` top-level keys of a params mapping, YAML text or config.
+
+    The pipeline gives each task this instead of the whole params.yaml; a task
+    then loads it with ``load_config(path, sections=...)``. Keys absent from the
+    input are left out (the task uses their defaults).
+    """
+    sections = _check_sections(sections)
+    src = data_or_cfg
+    data = src.to_dict() if isinstance(src, Config) else (yaml.safe_load(src) or {}) if isinstance(src, str) else dict(src)
+    if not isinstance(data, dict):
+        raise PxpoInputError("params", "top level must be a mapping of sections", "write `train:` etc. sections")
+    return yaml.safe_dump({k: v for k, v in data.items() if k in sections}, sort_keys=False)
