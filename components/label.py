@@ -3,12 +3,15 @@
 from kfp import dsl
 from kfp.dsl import Artifact, Dataset, Input, Output
 
-from pxpo.images import image_ref
+from pxpo.kubeflow.container_images import image_ref
 
 
 @dsl.component(base_image=image_ref("cpu"), install_kfp_package=False)
-def label(params: str, trajectories: Input[Dataset], labelled: Output[Dataset], validation: Output[Artifact]):
+def label(params_reward: str, trajectories: Input[Dataset], labelled: Output[Dataset], validation: Output[Artifact]):
     """Copy the trajectories and add ``reward_maps.safetensors`` (validated by Great Expectations)."""
-    from pxpo.kfp_stages import run_stage
+    from pxpo.kubeflow.launcher import run_stage
 
-    run_stage(["label"], params, ["--trajectories", trajectories.path, "--out", labelled.path, "--validate", "--report", validation.path])
+    run_stage(
+        ["label"], {"reward": params_reward},
+        ["--trajectories", trajectories.path, "--out", labelled.path, "--validate", "--report", validation.path],
+    )

@@ -3,17 +3,17 @@
 from kfp import dsl
 from kfp.dsl import Artifact, Dataset, Output
 
-from pxpo.images import image_ref
+from pxpo.kubeflow.container_images import image_ref
 
 
 @dsl.component(base_image=image_ref("cpu"), install_kfp_package=False)
-def prepare(params: str, prompts_uri: str, dataset: Output[Dataset], validation: Output[Artifact]):
+def prepare(params_prepare: str, prompts_uri: str, dataset: Output[Dataset], validation: Output[Artifact]):
     """Dedupe, split and validate the raw prompts at ``prompts_uri`` into a versioned dataset."""
     import json
     from pathlib import Path
 
-    from pxpo.kfp_stages import run_stage
+    from pxpo.kubeflow.launcher import run_stage
 
-    run_stage(["prepare"], params, ["--input", prompts_uri, "--out", dataset.path, "--report", validation.path])
+    run_stage(["prepare"], {"prepare": params_prepare}, ["--input", prompts_uri, "--out", dataset.path, "--report", validation.path])
     info = json.loads((Path(dataset.path) / "dataset.json").read_text())
     dataset.metadata.update(version=info["version"], **info["counts"])

@@ -5,12 +5,15 @@ from typing import Optional
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Model, Output
 
-from pxpo.images import image_ref
+from pxpo.kubeflow.container_images import image_ref
 
 
 @dsl.component(base_image=image_ref("cuda"), install_kfp_package=False)
 def sample(
-    params: str,
+    params_seed: str,
+    params_model: str,
+    params_prompts: str,
+    params_sample: str,
     round_index: int,
     base_model: Input[Model],
     dataset: Input[Dataset],
@@ -18,8 +21,9 @@ def sample(
     policy: Optional[Input[Model]] = None,
 ):
     """Roll out the policy (the base model in round 0) on the training prompts."""
-    from pxpo.kfp_stages import model_ref_args, run_stage
+    from pxpo.kubeflow.launcher import model_ref_args, run_stage
 
+    params = {"seed": params_seed, "model": params_model, "prompts": params_prompts, "sample": params_sample}
     args = ["--out", trajectories.path, "--epoch", str(int(round_index)), "--validate", "--report", trajectories.path + ".validation.json"]
     if policy is not None:
         args += ["--policy", policy.path]

@@ -5,12 +5,17 @@ from typing import Optional
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Metrics, Model, Output
 
-from pxpo.images import image_ref
+from pxpo.kubeflow.container_images import image_ref
 
 
 @dsl.component(base_image=image_ref("cuda"), install_kfp_package=False)
 def train(
-    params: str,
+    params_seed: str,
+    params_model: str,
+    params_prompts: str,
+    params_sample: str,
+    params_reward: str,
+    params_train: str,
     epochs: int,
     base_model: Input[Model],
     dataset: Input[Dataset],
@@ -21,8 +26,12 @@ def train(
 ):
     """Train ``epochs`` epochs (the first on ``labelled``, the rest sampled online from
     ``dataset``'s training prompts), continuing from ``state`` if given."""
-    from pxpo.kfp_stages import log_json_metrics, model_ref_args, run_stage
+    from pxpo.kubeflow.launcher import log_json_metrics, model_ref_args, run_stage
 
+    params = {
+        "seed": params_seed, "model": params_model, "prompts": params_prompts,
+        "sample": params_sample, "reward": params_reward, "train": params_train,
+    }
     args = ["--trajectories", labelled.path, "--out", policy.path, "--rounds", str(int(epochs))]
     if state is not None:
         args += ["--state", state.path]

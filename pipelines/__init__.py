@@ -1,0 +1,1 @@
+"""The pxpo Kubeflow pipeline (:mod:`pipelines.pxpo_pipeline`), installed with pxpo."""

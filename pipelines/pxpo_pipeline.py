@@ -5,6 +5,11 @@ rounds unrolled (R is a compile-time option) and the Kubernetes settings of
 :class:`PipelineOptions` applied to the tasks. ``pxpo pipeline compile`` writes
 its IR YAML; ``pxpo pipeline run --local`` runs it with ``kfp.local``;
 ``pxpo pipeline submit`` sends it to a KFP endpoint.
+
+The run's parameters are one ``params_<section>`` string per params.yaml
+section (``section: value`` YAML) and each task is wired only to the sections
+its stage reads (:data:`pxpo.kubeflow.launcher.STAGE_SECTIONS`), so that a
+task's cache key changes only when its own params do.
 """
 
 
@@ -21,6 +26,7 @@ from components.prepare import prepare
 from components.register import register
 from components.sample import sample
 from components.train import train
+from pxpo.kubeflow.launcher import PIPELINE_SECTIONS, section_params
 
 
 @dataclass
@@ -36,10 +42,25 @@ class PipelineOptions:
     tolerations: list[dict] = field(default_factory=list)  # e.g. [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
     shm_size: str = "8Gi"  # emptyDir (Memory) at /dev/shm for dataloaders / NCCL on GPU tasks
     cache_pvc: Optional[str] = None  # PVC mounted at /cache (HF_HOME): model weights downloaded once
-    retries: int = 2  # retries of GPU tasks (preemptible nodes)
+    retries: int = 2  # retries of the GPU tasks (preemptible nodes) and of register (MLflow over the network)
+    retry_backoff: str = "60s"  # wait before the first retry
+    retry_backoff_factor: float = 2.0  # each further retry waits this many times longer
+    retry_backoff_max: str = "3600s"  # no retry after this long
     timeout_s: int = 6 * 3600  # per-task timeout
     cpu_request: str = "4"
     memory_request: str = "16Gi"
+    # Kubernetes secrets given to the register task as environment variables
+    # (secret key -> variable; optional: a missing secret or key leaves the variable unset).
+    mlflow_secret: Optional[str] = "pxpo-mlflow"  # MLflow server credentials
+    mlflow_secret_env: dict[str, str] = field(default_factory=lambda: {
+        k: k for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+    })
+    artifact_secret: Optional[str] = "pxpo-artifact-store"  # the MLflow artifact store (S3 / MinIO)
+    artifact_secret_env: dict[str, str] = field(default_factory=lambda: {
+        k: k for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MLFLOW_S3_ENDPOINT_URL")
+    })
+    ttl_s: Optional[int] = 7 * 24 * 3600  # keep a finished run's workflow (and its pods' logs) this long
+    deadline_s: Optional[int] = 3 * 24 * 3600  # a run still going after this long is stopped
 
 
 def _gpu_task(task, o: PipelineOptions):
@@ -50,11 +71,27 @@ def _gpu_task(task, o: PipelineOptions):
         for t in o.tolerations:
             kubernetes.add_toleration(task, **t)
     task.set_cpu_request(o.cpu_request).set_memory_request(o.memory_request)
-    task.set_retry(num_retries=o.retries)
+    _retry(task, o)
     kubernetes.set_timeout(task, o.timeout_s)
     if o.shm_size:
         kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory", size_limit=o.shm_size)
     _cache(task, o)
+    return task
+
+
+def _retry(task, o: PipelineOptions):
+    if o.retries:
+        task.set_retry(
+            num_retries=o.retries, backoff_duration=o.retry_backoff,
+            backoff_factor=o.retry_backoff_factor, backoff_max_duration=o.retry_backoff_max,
+        )
+    return task
+
+
+def _secrets(task, o: PipelineOptions):
+    for name, env in ((o.mlflow_secret, o.mlflow_secret_env), (o.artifact_secret, o.artifact_secret_env)):
+        if name and env:
+            kubernetes.use_secret_as_env(task, secret_name=name, secret_key_to_env=dict(env), optional=True)
     return task
 
 
@@ -69,20 +106,49 @@ def build_pipeline(o: Optional[PipelineOptions] = None):
     """The pipeline function for these options (rounds unrolled)."""
     o = o or PipelineOptions()
 
-    @dsl.pipeline(name="pxpo", description="Pixel-wise RL fine-tuning of a text-to-image diffusion model (PXPO / DDPO)")
-    def pxpo_pipeline(params: str, prompts_uri: str, model_ref: str = "embedded", mlflow_tracking_uri: str = "") -> Artifact:
+    config = dsl.PipelineConfig(ttl_seconds_after_finished=o.ttl_s, active_deadline_seconds=o.deadline_s)
+
+    @dsl.pipeline(
+        name="pxpo",
+        description="Pixel-wise RL fine-tuning of a text-to-image diffusion model (PXPO / DDPO)",
+        pipeline_config=config,
+    )
+    def pxpo_pipeline(
+        prompts_uri: str,
+        params_seed: str,
+        params_model: str,
+        params_prompts: str,
+        params_sample: str,
+        params_reward: str,
+        params_train: str,
+        params_prepare: str,
+        params_evaluate: str,
+        params_register: str,
+        model_ref: str = "embedded",
+        mlflow_tracking_uri: str = "",
+    ) -> Artifact:
+        sections = {
+            "seed": params_seed, "model": params_model, "prompts": params_prompts, "sample": params_sample,
+            "reward": params_reward, "train": params_train, "prepare": params_prepare,
+            "evaluate": params_evaluate, "register": params_register,
+        }
+        if set(sections) != set(PIPELINE_SECTIONS):
+            raise TypeError(f"the pipeline's params_* parameters {sorted(sections)} do not match STAGE_SECTIONS {sorted(PIPELINE_SECTIONS)}")
+
+        def params(stage):
+            return section_params(stage, sections)
+
         base = _cache(base_model(model_ref=model_ref), o).set_display_name("base model")
-        data = prepare(params=params, prompts_uri=prompts_uri).set_display_name("prepare prompts")
+        data = prepare(**params("prepare"), prompts_uri=prompts_uri).set_display_name("prepare prompts")
         policy_task = None
         label_task = None
         for r in range(o.rounds):
-            kw = dict(params=params, round_index=r * o.epochs_per_round, base_model=base.outputs["model"], dataset=data.outputs["dataset"])
+            kw = dict(round_index=r * o.epochs_per_round, base_model=base.outputs["model"], dataset=data.outputs["dataset"])
             if policy_task is not None:
                 kw["policy"] = policy_task.outputs["policy"]
-            s = _gpu_task(sample(**kw), o).set_display_name(f"sample round {r}")
-            label_task = label(params=params, trajectories=s.outputs["trajectories"]).set_display_name(f"label round {r}")
+            s = _gpu_task(sample(**params("sample"), **kw), o).set_display_name(f"sample round {r}")
+            label_task = label(**params("label"), trajectories=s.outputs["trajectories"]).set_display_name(f"label round {r}")
             tkw = dict(
-                params=params,
                 epochs=o.epochs_per_round,
                 base_model=base.outputs["model"],
                 dataset=data.outputs["dataset"],
@@ -90,19 +156,23 @@ def build_pipeline(o: Optional[PipelineOptions] = None):
             )
             if policy_task is not None:
                 tkw["state"] = policy_task.outputs["policy"]
-            policy_task = _gpu_task(train(**tkw), o).set_display_name(f"train round {r}")
+            policy_task = _gpu_task(train(**params("train"), **tkw), o).set_display_name(f"train round {r}")
         ev = _gpu_task(
-            evaluate(params=params, base_model=base.outputs["model"], dataset=data.outputs["dataset"], policy=policy_task.outputs["policy"]), o
+            evaluate(**params("evaluate"), base_model=base.outputs["model"], dataset=data.outputs["dataset"], policy=policy_task.outputs["policy"]),
+            o,
         ).set_display_name("evaluate")
         reg = register(
-            params=params,
+            **params("register"),
             mlflow_tracking_uri=mlflow_tracking_uri,
             base_model=base.outputs["model"],
             policy=policy_task.outputs["policy"],
             evaluation=ev.outputs["evaluation"],
             prompts_validation=data.outputs["validation"],
             labels_validation=label_task.outputs["validation"],
-        ).set_display_name("register").set_caching_options(False)
+            run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+            run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
+        ).set_display_name("register").set_caching_options(False)  # every run registers (and gets its own run id)
+        _secrets(_retry(reg, o), o)
         return reg.outputs["decision"]
 
     return pxpo_pipeline

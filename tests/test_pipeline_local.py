@@ -40,5 +40,22 @@ def test_local_pipeline_registers_a_champion(tmp_path, tiny_model_dir, monkeypat
     from mlflow import MlflowClient
 
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'w' / 'mlflow' / 'mlflow.db'}")
-    mv = MlflowClient().get_model_version_by_alias("pxpo-test", "champion")
+    client = MlflowClient()
+    mv = client.get_model_version_by_alias("pxpo-test", "champion")
     assert str(mv.version) == "1"
+    tags = client.get_run(mv.run_id).data.tags
+    assert tags.get("kfp.run_id") and tags.get("kfp.run_name")  # from dsl.PIPELINE_JOB_ID / _NAME_PLACEHOLDER
+
+    # Per-section params: a change to `register` only re-runs register; sampling and training come from the cache.
+    params["register"]["margin"] = 100.0
+    pfile.write_text(yaml.safe_dump(params))
+    runs_before = set(root.iterdir())
+    code = main(
+        ["pipeline", "run", "--local", "--params", str(pfile), "--rounds", "2", "--workdir", str(tmp_path / "w"),
+         "--model-ref", str(tiny_model_dir), "--prompts-uri", str(ROOT / "data" / "prompts.csv")]
+    )
+    out = capsys.readouterr().out
+    assert code == 0, out[-3000:]
+    (second,) = set(root.iterdir()) - runs_before
+    assert sorted(p.name for p in second.iterdir()) == ["register"]  # every other task was a cache hit
+    assert str(client.get_model_version_by_alias("pxpo-test", "champion").version) == "1"  # margin 100: not promoted

@@ -25,66 +25,85 @@ from pathlib import Path
 from .errors import PxpoInputError
 
 
+# Command -> the module that implements it (DVC's deps test reads this: a stage's
+# code is this module and what it imports).
+COMMANDS = {
+    "base build": "pxpo.stages.base",
+    "base distill-lcm": "pxpo.stages.base",
+    "base random": "pxpo.stages.base",
+    "prepare": "pxpo.stages.prepare",
+    "sample": "pxpo.stages.sample",
+    "label": "pxpo.stages.label",
+    "train": "pxpo.stages.train",
+    "run": "pxpo.stages.online",
+    "evaluate": "pxpo.stages.evaluate",
+    "register": "pxpo.stages.register",
+    "pipeline": "pxpo.kubeflow",
+    "labellers": "pxpo.core.rewards",
+}
+
+
 def _config(args):
     from .config import load_config
 
     params = args.params
     if params is None and Path("params.yaml").exists():
         params = "params.yaml"
+    sections = getattr(args, "sections", None)
+    if sections:
+        return load_config(params, args.overrides, sections=[s for s in sections.split(",") if s])
     return load_config(params, args.overrides)
 
 
 def cmd_base_build(args) -> int:
-    from .base_model import BaseModelSpec, build_base
+    from .stages.base import build_base_model
 
-    out = Path(args.out)
-    if (out / "model_index.json").exists() and not args.force:
-        print(f"{out} exists (use --force to rebuild)")
+    stats = build_base_model(
+        Path(args.out), seed=args.seed, vae_steps=args.vae_steps, unet_steps=args.unet_steps,
+        text_lr_mult=args.text_lr_mult, force=args.force, progress=not args.quiet,
+    )
+    if stats is None:
+        print(f"{args.out} exists (use --force to rebuild)")
         return 0
-    spec = BaseModelSpec(seed=args.seed)
-    if args.vae_steps is not None:
-        spec.vae_steps = args.vae_steps
-    if args.unet_steps is not None:
-        spec.unet_steps = args.unet_steps
-    if args.text_lr_mult is not None:
-        spec.text_lr_mult = args.text_lr_mult
-    stats = build_base(out, spec, progress=not args.quiet)
     print(
-        f"built {out}: prompt-following accuracy {stats['prompt_following_accuracy']:.2f} "
-        f"(digit classifier on 80 samples), {stats['total_seconds']:.0f}s; grid {out / 'samples.png'}"
+        f"built {args.out}: prompt-following accuracy {stats['prompt_following_accuracy']:.2f} "
+        f"(digit classifier on 80 samples), {stats['total_seconds']:.0f}s; grid {Path(args.out) / 'samples.png'}"
     )
     return 0
 
 
 def cmd_base_lcm(args) -> int:
-    from .base_model import LCMSpec, build_lcm
+    from .stages.base import distill_lcm_model
 
-    out = Path(args.out)
-    if (out / "model_index.json").exists() and not args.force:
-        print(f"{out} exists (use --force to rebuild)")
+    stats = distill_lcm_model(Path(args.teacher), Path(args.out), seed=args.seed, steps=args.steps, force=args.force, progress=not args.quiet)
+    if stats is None:
+        print(f"{args.out} exists (use --force to rebuild)")
         return 0
-    teacher = Path(args.teacher)
-    if not (teacher / "model_index.json").is_file():
-        raise PxpoInputError(f"--teacher {teacher}", "not a diffusers pipeline directory", "run `pxpo base build` first")
-    spec = LCMSpec(seed=args.seed)
-    if args.steps is not None:
-        spec.steps = args.steps
-    stats = build_lcm(teacher, out, spec, progress=not args.quiet)
     print(
-        f"distilled {out}: prompt-following accuracy "
+        f"distilled {args.out}: prompt-following accuracy "
         + ", ".join(f"{k} steps {stats[f'prompt_following_accuracy_{k}_steps']:.2f}" for k in (2, 4, 8))
-        + f"; {stats['total_seconds']:.0f}s; grid {out / 'samples.png'}"
+        + f"; {stats['total_seconds']:.0f}s; grid {Path(args.out) / 'samples.png'}"
     )
     return 0
 
 
+def cmd_base_random(args) -> int:
+    from .stages.base import save_random_model
+
+    info = save_random_model(Path(args.out), arch=args.arch, dtype=args.dtype, seed=args.seed, force=args.force)
+    if info is None:
+        print(f"{args.out} exists (use --force to rebuild)")
+        return 0
+    counts = ", ".join(f"{k} {v / 1e6:.1f} M" for k, v in info["parameters"].items())
+    print(f"saved a RANDOM-weight {args.arch} pipeline ({args.dtype}) to {args.out}: {counts}; a timing fixture, not a model to fine-tune")
+    return 0
+
+
 def cmd_run(args) -> int:
-    from .tracking import JsonlTracker
-    from .train import run
+    from .stages.online import run_online
 
     cfg = _config(args)
-    tracker = JsonlTracker(Path(cfg.output_dir))
-    summary = run(cfg, tracker, progress=not args.quiet, resume=not args.no_resume)
+    summary = run_online(cfg, progress=not args.quiet, resume=not args.no_resume)
     if "reward_first" in summary:
         print(
             f"reward {summary['reward_first']:.4f} -> {summary['reward_last']:.4f} "
@@ -94,146 +113,39 @@ def cmd_run(args) -> int:
 
 
 def cmd_sample(args) -> int:
-    from .models import load_configured_pipeline, load_policy_into
-    from .prompts import draw_prompts, load_weighted_prompts
-    from .train import sample_seed, sample_trajectories
-    from .trajectories import save_trajectories
+    from .stages.sample import sample
 
-    cfg = _config(args)
-    pipe = load_configured_pipeline(cfg)
-    load_policy_into(pipe, args.policy)
-    n = cfg.sample.batch_size * cfg.sample.num_batches
-    epoch = args.epoch
-    if epoch is None:  # continue the round numbering of the policy's training
-        rj = Path(args.policy or "") / "pxpo_round.json"
-        epoch = json.loads(rj.read_text())["completed_rounds"] if args.policy and rj.is_file() else 0
-    all_prompts, weights = load_weighted_prompts(cfg.prompts.source)
-    prompts = draw_prompts(all_prompts, n, sample_seed(cfg.seed, epoch, 0, 0), weights)
-    seeds = [sample_seed(cfg.seed, epoch, 0, i) for i in range(n)]
-    traj = sample_trajectories(pipe, cfg, prompts, seeds, progress=not args.quiet)
-    traj.meta["policy"] = args.policy
-    traj.meta["epoch"] = epoch
-    if args.validate:
-        from .validation import check, validate_trajectories
-
-        report = validate_trajectories(traj.latents, traj.log_probs, traj.timesteps, num_samples=n)
-        check(report, _report_path(args, Path(args.out)))
-    save_trajectories(traj, Path(args.out))
-    print(f"wrote {n} trajectories to {args.out}")
+    s = sample(_config(args), Path(args.out), policy=args.policy, epoch=args.epoch, validate=args.validate, report=args.report, progress=not args.quiet)
+    print(f"wrote {s['num_samples']} trajectories to {s['out']}")
     return 0
 
 
 def cmd_label(args) -> int:
-    from .core.rewards import make_labeller
-    from .train import label_images
-    from .trajectories import MAPS, load_trajectories, save_reward_maps
+    from .stages.label import label
 
-    cfg = _config(args)
-    d = Path(args.trajectories)
-    traj = load_trajectories(d)
-    labeller = make_labeller(cfg.reward.name, **cfg.reward.kwargs)
-    maps, info = label_images(labeller, traj.images, traj.prompts, where=f"reward labeller {cfg.reward.name!r} on {d}")
-    target = Path(args.out) if args.out else d
-    if args.validate:
-        from .validation import check, validate_reward_maps
-
-        h, w = maps.shape[1:]
-        report = validate_reward_maps(maps, num_samples=len(traj), height=h, width=w)
-        check(report, _report_path(args, target / "reward_maps"))
-    info = {"labeller": cfg.reward.name, "kwargs": cfg.reward.kwargs, **info}
-    if args.out:  # a labelled copy, written whole or not at all (pipelines treat inputs as read-only)
-        import shutil
-
-        from .storage import atomic_dir
-
-        with atomic_dir(target) as tmp:
-            shutil.copytree(d, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(MAPS, "*.validation.json"))
-            save_reward_maps(tmp, maps, info)
-    else:
-        save_reward_maps(d, maps, info)
-    print(f"labelled {len(traj)} samples with {cfg.reward.name}: mean reward {maps.mean().item():.4f}")
+    s = label(_config(args), Path(args.trajectories), out=Path(args.out) if args.out else None, validate=args.validate, report=args.report)
+    print(f"labelled {s['num_samples']} samples with {s['labeller']}: mean reward {s['reward_mean']:.4f}")
     return 0
 
 
 def cmd_train(args) -> int:
-    from .storage import atomic_dir
-    from .tracking import JsonlTracker
-    from .train import run
-    from .trajectories import load_reward_maps, load_trajectories
+    from .stages.train import train
 
-    cfg = _config(args)
-    d = Path(args.trajectories)
-    traj = load_trajectories(d, with_images=False)
-    hw = tuple(traj.meta["image_shape"][1:])
-    maps, _ = load_reward_maps(d, len(traj), hw)
-    for key in ("sampler", "num_steps", "eta", "guidance_scale"):
-        if traj.meta.get(key, "ddim") != getattr(cfg.sample, key):
-            raise PxpoInputError(
-                f"sample.{key}",
-                f"config says {getattr(cfg.sample, key)} but {d} was sampled with {traj.meta[key]}",
-                f"train with the sampling settings: pass sample.{key}={traj.meta[key]}",
-            )
-    if traj.meta.get("negative_prompt", "") != cfg.prompts.negative_prompt:
-        raise PxpoInputError("prompts.negative_prompt", f"differs from the one {d} was sampled with", "use the sampling-time negative prompt")
-    if args.state and not (Path(args.state) / "pxpo_round.json").is_file():
-        raise PxpoInputError(str(args.state), "not a trainer state directory (no pxpo_round.json)", "pass the --out of a previous `pxpo train`")
-    rounds = args.rounds if args.rounds is not None else cfg.train.epochs
-    with atomic_dir(Path(args.out)) as tmp:
-        cfg.output_dir = str(tmp)
-        summary = run(
-            cfg,
-            JsonlTracker(tmp),
-            progress=not args.quiet,
-            resume=False,
-            first_batch=(traj, maps),
-            init_state=Path(args.state) if args.state else None,
-            rounds=rounds,
-        )
-    hist = [json.loads(x) for x in (Path(args.out) / "metrics.jsonl").read_text().splitlines() if x]
-    if args.history:
-        _write_history_csv(hist, Path(args.history))
+    s = train(
+        _config(args), Path(args.trajectories), Path(args.out), state=Path(args.state) if args.state else None,
+        rounds=args.rounds, history=Path(args.history) if args.history else None, progress=not args.quiet,
+    )
     print(
-        f"trained {rounds} round(s) to epoch {summary['completed_epochs']}: reward "
-        + " -> ".join(f"{h['reward_mean']:.4f}" for h in hist)
+        f"trained {s['rounds']} round(s) to epoch {s['completed_epochs']}: reward "
+        + " -> ".join(f"{h['reward_mean']:.4f}" for h in s["history"])
     )
     return 0
 
 
-def _write_history_csv(hist: list[dict], path: Path) -> None:
-    """Per-epoch metrics as CSV (DVC plots)."""
-    import csv
-
-    from .storage import atomic_file
-
-    keys = ["epoch", "samples_seen", "reward_mean", "reward_std", "approx_kl", "clipfrac", "loss", "grad_norm"]
-    with atomic_file(path) as f:
-        w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(hist)
-
-
-def _report_path(args, default_base: Path) -> Path:
-    """Where a validation report goes: --report, else beside the artifact (kept on failure)."""
-    if getattr(args, "report", None):
-        return Path(args.report)
-    return default_base.parent / f"{default_base.name}.validation.json"
-
-
 def cmd_prepare(args) -> int:
-    from .prepare import assign_splits, deduplicate, read_prompt_table, write_dataset
-    from .validation import check, validate_prompts
+    from .stages.prepare import prepare
 
-    cfg = _config(args)
-    src = Path(args.input or cfg.prepare.input)
-    df = read_prompt_table(src)
-    df, removed = deduplicate(df.dropna(subset=["prompt"]) if args.drop_empty else df)
-    df = assign_splits(df, cfg.prepare)
-    p = cfg.prepare
-    report = validate_prompts(
-        df, min_length=p.min_length, max_length=p.max_length, min_heldout=p.min_heldout, max_heldout_fraction=p.max_heldout_fraction
-    )
-    check(report, _report_path(args, Path(args.out)))
-    info = write_dataset(df, Path(args.out), source=src, removed=removed)
+    info = prepare(_config(args), Path(args.out), input=args.input, report=args.report, drop_empty=args.drop_empty)
     print(
         f"prepared {args.out}: {info['counts']['train']} train / {info['counts']['heldout']} held-out prompts, "
         f"{info['duplicates_removed']} duplicates removed, version {info['version'][:12]}"
@@ -242,41 +154,24 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from .evaluate import evaluate, summarize
-    from .validation import check, validate_reward_maps
+    from .evaluate import summarize
+    from .stages.evaluate import evaluate
 
-    cfg = _config(args)
-    if args.prompts:
-        cfg.prompts.source = args.prompts
     metrics = evaluate(
-        cfg, args.policy, Path(args.out), samples_per_prompt=cfg.evaluate.samples_per_prompt, seed=cfg.evaluate.seed, progress=not args.quiet
+        _config(args), Path(args.out), policy=args.policy, prompts=args.prompts,
+        metrics=Path(args.metrics) if args.metrics else None, progress=not args.quiet,
     )
-    from safetensors.torch import load_file
-
-    maps = load_file(str(Path(args.out) / "reward_maps.safetensors"))["maps"]
-    report = validate_reward_maps(maps, num_samples=metrics["num_samples"], height=maps.shape[1], width=maps.shape[2])
-    report.save(Path(args.out) / "validation.json")
-    check(report, Path(args.out) / "validation.json")
-    if args.metrics:
-        from .storage import write_json
-
-        write_json(Path(args.metrics), {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
     print(summarize(metrics))
     return 0
 
 
 def cmd_register(args) -> int:
-    from .tracking_mlflow import default_tracking_uri
-    from .promote import gate_and_register
+    from .stages.register import register
 
     cfg = _config(args)
-    decision = gate_and_register(
-        cfg,
-        policy_dir=Path(args.policy),
-        eval_dir=Path(args.eval),
-        tracking_uri=args.tracking_uri or default_tracking_uri(Path(args.mlflow_root)),
-        validation_reports=[Path(p) for p in args.validation],
-        out=Path(args.out) if args.out else None,
+    decision = register(
+        cfg, Path(args.policy), Path(args.eval), tracking_uri=args.tracking_uri, mlflow_root=Path(args.mlflow_root),
+        validation_reports=[Path(p) for p in args.validation], out=Path(args.out) if args.out else None,
     )
     print(
         f"registered {cfg.register.model_name} v{decision['version']} as challenger; "
@@ -286,23 +181,13 @@ def cmd_register(args) -> int:
     return 0
 
 
-def _params_text(args) -> str:
-    import yaml
-
-    from .config import dump_config
-
-    cfg = _config(args)
-    # The full resolved config (overrides applied) is compiled into the run's arguments.
-    return cfg, dump_config(cfg) if args.overrides or not Path(args.params or "params.yaml").exists() else Path(args.params or "params.yaml").read_text()
-
-
 def cmd_pipeline(args) -> int:
-    from . import pipeline_cli as pc
+    from .kubeflow import commands as kc
 
-    cfg, params_text = _params_text(args)
+    cfg = _config(args)  # the whole resolved config: each task is given its sections of it (pxpo.kubeflow.launcher)
     opts = {"rounds": args.rounds} if getattr(args, "rounds", None) else {}
     if args.pipeline_command == "compile":
-        out = pc.compile_pipeline(cfg, Path(args.out), opts)
+        out = kc.compile_pipeline(cfg, Path(args.out), opts)
         print(f"compiled {out} ({cfg.pipeline.rounds if not opts else opts['rounds']} rounds)")
         return 0
     prompts_uri = args.prompts_uri or str(Path(cfg.prepare.input).resolve())
@@ -313,9 +198,7 @@ def cmd_pipeline(args) -> int:
         workdir = Path(args.workdir).resolve()
         uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(workdir / 'mlflow' / 'mlflow.db').resolve()}"
         (workdir / "mlflow").mkdir(parents=True, exist_ok=True)
-        if opts:
-            cfg.pipeline.rounds = opts["rounds"]
-        result = pc.run_local(cfg, params_text, prompts_uri=prompts_uri, model_ref=model_ref, workdir=workdir, mlflow_tracking_uri=uri)
+        result = kc.run_local(cfg, prompts_uri=prompts_uri, model_ref=model_ref, workdir=workdir, mlflow_tracking_uri=uri, options=opts)
         print(json.dumps(result, indent=2, default=str))
         print(
             f"pipeline finished in {result['wall_seconds']:.0f}s: {cfg.register.model_name} v{result.get('version')} "
@@ -323,9 +206,8 @@ def cmd_pipeline(args) -> int:
             + f"; MLflow: {uri}"
         )
         return 0
-    run_id = pc.submit(
+    run_id = kc.submit(
         cfg,
-        params_text,
         host=args.host,
         package=Path(args.package),
         prompts_uri=prompts_uri,
@@ -333,6 +215,7 @@ def cmd_pipeline(args) -> int:
         mlflow_tracking_uri=args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", ""),
         experiment=args.experiment,
         run_name=args.run_name,
+        options=opts,
     )
     print(f"submitted run {run_id} to {args.host}")
     return 0
@@ -356,6 +239,10 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--params", default=None, help="params.yaml (default: ./params.yaml if present)")
         sp.add_argument("overrides", nargs="*", help="section.field=value overrides, e.g. train.epochs=5")
         sp.add_argument("--quiet", action="store_true", help="no progress bars")
+        sp.add_argument(
+            "--sections", default=None,
+            help="comma-separated params sections this task was given (Kubeflow per-task params); reading any other is an error",
+        )
 
     base = sub.add_parser("base", help="the embedded default model")
     bsub = base.add_subparsers(dest="base_command", required=True)
@@ -376,6 +263,13 @@ def build_parser() -> argparse.ArgumentParser:
     bl.add_argument("--force", action="store_true")
     bl.add_argument("--quiet", action="store_true")
     bl.set_defaults(fn=cmd_base_lcm)
+    br = bsub.add_parser("random", help="save a RANDOM-weight pipeline with a published architecture's shapes (GPU timing fixture)")
+    br.add_argument("--arch", default="sd15", help="architecture whose component configs to use (sd15)")
+    br.add_argument("--out", required=True)
+    br.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    br.add_argument("--seed", type=int, default=0)
+    br.add_argument("--force", action="store_true")
+    br.set_defaults(fn=cmd_base_random)
 
     r = sub.add_parser("run", help="online loop: sample -> label -> train for train.epochs epochs")
     with_config(r)

@@ -1,4 +1,4 @@
-"""Container image references, derived from the package version so spec and image cannot drift.
+"""Container image references (the images the KFP components run in), derived from the package version so spec and image cannot drift.
 
 ``docker/Dockerfile.cpu`` and ``docker/Dockerfile.cuda`` build them; the KFP
 components run in them. The registry prefix can be changed with the
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-from . import __version__
+from .. import __version__
 
 DEFAULT_REGISTRY = "ghcr.io/pxpo"
 

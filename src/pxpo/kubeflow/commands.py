@@ -1,0 +1,120 @@
+"""``pxpo pipeline compile | run --local | submit``: the Kubeflow side of the CLI.
+
+The pipeline is :func:`pipelines.pxpo_pipeline.build_pipeline` and its
+components are the ``components`` package; both are installed with pxpo
+(pyproject.toml), so these commands work from any directory.
+
+A run's arguments are one ``params_<section>`` string per params.yaml section
+(:func:`pipeline_arguments`), and each task receives only the sections its
+stage reads (:data:`pxpo.kubeflow.launcher.STAGE_SECTIONS`): editing
+``register.margin`` re-runs register, not sampling and training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import yaml
+
+from ..config import section_yaml
+from ..errors import PxpoInputError
+from .launcher import PIPELINE_SECTIONS, param_name
+
+
+def options_from(cfg, overrides: dict | None = None):
+    """:class:`PipelineOptions` from the ``pipeline`` section (every field it shares with them), then ``overrides``."""
+    from pipelines.pxpo_pipeline import PipelineOptions
+
+    o = PipelineOptions()
+    given = cfg.to_dict().get("pipeline", {})
+    for f in dataclasses.fields(PipelineOptions):
+        if f.name in given:
+            setattr(o, f.name, given[f.name])
+    for k, v in (overrides or {}).items():
+        if not hasattr(o, k):
+            raise PxpoInputError(f"pipeline option {k}", "unknown", f"use one of {', '.join(f.name for f in dataclasses.fields(o))}")
+        setattr(o, k, v)
+    return o
+
+
+def compile_pipeline(cfg, out: Path, options: dict | None = None) -> Path:
+    """Write the pipeline's IR YAML (rounds from ``pipeline.rounds``; the params are run arguments)."""
+    from kfp import compiler
+
+    from pipelines.pxpo_pipeline import build_pipeline
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    compiler.Compiler().compile(build_pipeline(options_from(cfg, options)), str(out))
+    return out
+
+
+def pipeline_arguments(cfg, *, prompts_uri: str, model_ref: str, mlflow_tracking_uri: str) -> dict:
+    """A run's arguments: ``params_<section>`` (that section as ``section: value`` YAML) for each
+    section a task reads, taken from the resolved config, plus the data / model / MLflow inputs."""
+    data = cfg.to_dict()
+    args = {param_name(s): section_yaml(data, [s]) for s in PIPELINE_SECTIONS}
+    return {**args, "prompts_uri": prompts_uri, "model_ref": model_ref, "mlflow_tracking_uri": mlflow_tracking_uri}
+
+
+def run_local(cfg, *, prompts_uri: str, model_ref: str, workdir: Path, mlflow_tracking_uri: str, options: dict | None = None) -> dict:
+    """Run the whole DAG on this machine with ``kfp.local`` (SubprocessRunner, this environment).
+
+    The sample/train/evaluate tasks run on the CPU here; their GPU requests,
+    secrets and retries apply on a cluster only. Returns the register decision
+    plus timings.
+    """
+    from kfp import local
+
+    from pipelines.pxpo_pipeline import build_pipeline
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    local.init(
+        runner=local.SubprocessRunner(use_venv=False),
+        pipeline_root=str(workdir / "kfp_outputs"),
+        enable_caching=True,
+        cache_root=str(workdir / "kfp_cache"),
+    )
+    # kfp.local honours retries (sleeping through the backoff); a local failure is not a preempted node.
+    pipe = build_pipeline(options_from(cfg, {**(options or {}), "gpu": False, "retries": 0}))
+    t0 = time.perf_counter()
+    task = pipe(**pipeline_arguments(cfg, prompts_uri=prompts_uri, model_ref=model_ref, mlflow_tracking_uri=mlflow_tracking_uri))
+    wall = time.perf_counter() - t0
+    decision = getattr(task, "output", task)  # the pipeline's output: register's decision artifact
+    result = json.loads(Path(decision.path).read_text())
+    result["wall_seconds"] = wall
+    result["pipeline_root"] = str(workdir / "kfp_outputs")
+    return result
+
+
+def _declared_inputs(package: Path) -> set[str]:
+    spec = next(yaml.safe_load_all(package.read_text()))
+    return set(spec.get("root", {}).get("inputDefinitions", {}).get("parameters", {}))
+
+
+def submit(cfg, *, host: str, package: Path, prompts_uri: str, model_ref: str, mlflow_tracking_uri: str, experiment: str,
+           run_name: str | None, client=None, options: dict | None = None):
+    """Compile (if needed, with ``options``) and submit to a KFP endpoint with ``kfp.Client``; returns the run id."""
+    import kfp
+
+    if not package.exists():
+        compile_pipeline(cfg, package, options)
+    arguments = pipeline_arguments(cfg, prompts_uri=prompts_uri, model_ref=model_ref, mlflow_tracking_uri=mlflow_tracking_uri)
+    declared = _declared_inputs(package)
+    if not set(arguments) <= declared:
+        raise PxpoInputError(
+            str(package),
+            f"compiled by another pxpo version: it does not take {sorted(set(arguments) - declared)}",
+            f"recompile it with `pxpo pipeline compile --out {package}` (or delete it)",
+        )
+    client = client or kfp.Client(host=host)
+    run = client.create_run_from_pipeline_package(
+        str(package),
+        arguments=arguments,
+        experiment_name=experiment,
+        run_name=run_name,
+        enable_caching=True,
+    )
+    return getattr(run, "run_id", None)
