@@ -1,7 +1,7 @@
 """KFP component: MLflow registration with a gated champion alias (``pxpo register``)."""
 
 from kfp import dsl
-from kfp.dsl import Artifact, Input, Model, Output
+from kfp.dsl import Artifact, Dataset, Input, Model, Output
 
 from pxpo.kubeflow.container_images import image_ref
 
@@ -19,6 +19,7 @@ def register(
     params_register: str,
     mlflow_tracking_uri: str,
     base_model: Input[Model],
+    dataset: Input[Dataset],
     policy: Input[Model],
     evaluation: Input[Artifact],
     prompts_validation: Input[Artifact],
@@ -28,6 +29,8 @@ def register(
     run_name: str = "",
 ):
     """Log the policy as a model version (alias challenger); promote to champion if it passes.
+
+    ``dataset`` (the prepared prompts) is logged as the run's MLflow dataset inputs (lineage).
 
     ``run_id`` / ``run_name`` (the pipeline passes the KFP run's) become the
     MLflow run's ``kfp.run_id`` / ``kfp.run_name`` tags (``$KFP_RUN_ID``, ``$KFP_RUN_NAME``)."""
@@ -43,4 +46,4 @@ def register(
     if mlflow_tracking_uri:
         args += ["--tracking-uri", mlflow_tracking_uri]
     env = {k: v for k, v in (("KFP_RUN_ID", run_id), ("KFP_RUN_NAME", run_name)) if v}
-    run_stage(["register"], params, args, model_ref_args(base_model.path), env=env)
+    run_stage(["register"], params, args, [*model_ref_args(base_model.path), f"prompts.source={dataset.path}"], env=env)

@@ -165,6 +165,7 @@ def build_pipeline(o: Optional[PipelineOptions] = None):
             **params("register"),
             mlflow_tracking_uri=mlflow_tracking_uri,
             base_model=base.outputs["model"],
+            dataset=data.outputs["dataset"],
             policy=policy_task.outputs["policy"],
             evaluation=ev.outputs["evaluation"],
             prompts_validation=data.outputs["validation"],

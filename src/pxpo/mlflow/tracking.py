@@ -147,8 +147,8 @@ def standard_tags(repo_root: Path) -> dict:
     ``mlflow.source.git.dirty`` and ``mlflow.source.git.branch``;
     ``dvc.lock.sha256`` and ``dvc.data`` (``path=md5;...`` of the outs in
     dvc.lock) when ``repo_root/dvc.lock`` exists; ``kfp.run_id`` from
-    ``$KFP_RUN_ID`` (the pipeline sets it, e.g. from the pod label
-    ``pipeline/runid``), ``kfp.run_name`` from ``$KFP_RUN_NAME``, and
+    ``$KFP_RUN_ID`` (the pipeline sets it from
+    ``dsl.PIPELINE_JOB_ID_PLACEHOLDER`` on the register task), ``kfp.run_name`` from ``$KFP_RUN_NAME``, and
     ``kfp.pod_name`` / ``kfp.pod_uid`` that the KFP v2 launcher injects;
     ``pxpo.version``.
     """
