@@ -1,5 +1,6 @@
-"""`dvc repro` for real in a temporary git repo: the whole DAG, then only what a param change touches."""
+"""`dvc repro` for real in a temporary git repo: the whole DAG, then only what a param or code change touches."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -32,8 +33,8 @@ def _sh(cmd, cwd, env):
     return r.stdout + r.stderr
 
 
-@pytest.mark.slow
-def test_dvc_repro_end_to_end_and_partial_rerun(tmp_path):
+def _repo(tmp_path):
+    """dvc.yaml, params.yaml (TINY budgets), data and src in a fresh git + DVC repo; returns (repo, env)."""
     repo = tmp_path / "repo"
     repo.mkdir()
     for f in ("dvc.yaml", "params.yaml", ".gitignore"):
@@ -50,6 +51,61 @@ def test_dvc_repro_end_to_end_and_partial_rerun(tmp_path):
     _sh([str(BIN / "dvc"), "config", "core.analytics", "false"], repo, env)
     _sh(["git", "add", "-A"], repo, env)
     _sh(["git", "commit", "-qm", "init"], repo, env)
+    return repo, env
+
+
+def _edit_code(repo, rel="src/pxpo/core/ddim.py"):
+    """A content change (DVC hashes content, so a bare mtime touch would not count)."""
+    f = repo / rel
+    assert f.is_file(), f"{rel} moved: update this test"
+    f.write_text(f.read_text() + "\n# edited by test_dvc\n")
+
+
+def _changed_code_stages(repo, env) -> dict[str, list[str]]:
+    """`dvc status --json`: stage -> its changed deps under src/."""
+    r = subprocess.run([str(BIN / "dvc"), "status", "--json"], cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, f"dvc status failed:\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
+    status = json.loads(r.stdout.strip() or "{}")
+    out = {}
+    for stage, changes in status.items():
+        for change in changes:
+            if isinstance(change, dict):
+                deps = [d for d in change.get("changed deps", {}) if d.startswith("src/")]
+                if deps:
+                    out.setdefault(stage.split(":")[-1], []).extend(deps)
+    return out
+
+
+def test_code_change_marks_the_stages_that_run_it(tmp_path):
+    """Cheap (no stage runs): record placeholder outputs with `dvc commit`, edit core/ddim.py;
+    `dvc status` then reports the stages that run DDIM code (sample, and train and evaluate,
+    which re-score and sample with it) as changed, and not the prompt-data stage."""
+    repo, env = _repo(tmp_path)
+    stages = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
+    for name, stage in stages.items():
+        for key in ("outs", "metrics", "plots"):
+            for o in stage.get(key) or []:
+                p = repo / (next(iter(o)) if isinstance(o, dict) else o)
+                p.parent.mkdir(parents=True, exist_ok=True)
+                if p.suffix:  # a file output (metrics, reports, plots)
+                    p.write_text("{}\n" if p.suffix == ".json" else "epoch\n")
+                else:
+                    p.mkdir(exist_ok=True)
+                    (p / "placeholder").write_text(name)
+    _sh([str(BIN / "dvc"), "commit", "-f"], repo, env)
+    assert _changed_code_stages(repo, env) == {}
+    assert "up to date" in _sh([str(BIN / "dvc"), "status"], repo, env)
+
+    _edit_code(repo)
+    changed = _changed_code_stages(repo, env)
+    for stage in ("sample", "train", "evaluate"):
+        assert stage in changed, f"editing src/pxpo/core/ddim.py does not change stage {stage!r} (changed: {changed})"
+    assert "prepare" not in changed, changed
+
+
+@pytest.mark.slow
+def test_dvc_repro_end_to_end_and_partial_rerun(tmp_path):
+    repo, env = _repo(tmp_path)
 
     out = _sh([str(BIN / "dvc"), "repro"], repo, env)
     for stage in ("base", "lcm", "prepare", "sample", "label", "train", "evaluate", "register"):
@@ -75,3 +131,10 @@ def test_dvc_repro_end_to_end_and_partial_rerun(tmp_path):
         assert f"Running stage '{stage}'" not in out
     status = _sh([str(BIN / "dvc"), "status"], repo, env)
     assert "up to date" in status
+
+    # sampling code: the stages that run it are out of date (status only: no second full run)
+    _edit_code(repo)
+    changed = _changed_code_stages(repo, env)
+    for stage in ("sample", "train", "evaluate"):
+        assert stage in changed, f"editing src/pxpo/core/ddim.py does not change stage {stage!r} (changed: {changed})"
+    assert "prepare" not in changed, changed

@@ -37,6 +37,9 @@ def test_failed_validation_writes_report_not_dataset(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2
     assert "validation suite 'prompts'" in err and "weights must be > 0" in err and "held-out" in err
+    # each failure names its expectation and the offending rows
+    assert "(expect_column_values_to_be_between on 'weight'): rows [2]" in err
+    assert "(expect_column_value_lengths_to_be_between on 'prompt'): rows [1]" in err
     assert not (tmp_path / "ds").exists()
     report = json.loads((tmp_path / "ds.validation.json").read_text())
     assert report["success"] is False and report["failures"]

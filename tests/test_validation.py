@@ -53,6 +53,30 @@ def test_missing_column_fails():
     assert not r.success and "weight" in r.summary()
 
 
+def test_schema_uses_ge_table_expectations():
+    """Missing columns fail GE's ExpectTableColumnsToMatchSet and ExpectColumnToExist (one per column), exit 2."""
+    r = validate_prompts(pd.DataFrame({"prompt": ["a cat", "a cat"], "extra": [1, 2]}))
+    by_type = {}
+    for f in r.failures:
+        by_type.setdefault(f.expectation, []).append(f)
+    assert not r.success
+    assert by_type["expect_table_columns_to_match_set"][0].observed == {"missing": ["split", "weight"]}
+    assert sorted(f.column for f in by_type["expect_column_to_exist"]) == ["split", "weight"]
+    # the present column's row expectations still run (and name the rows); the missing ones' are left out
+    assert by_type["expect_column_values_to_be_unique"][0].unexpected_rows == [0, 1]
+    assert not any(f.column in ("weight", "split") for t, fs in by_type.items() if t != "expect_column_to_exist" for f in fs)
+    summary = r.summary()
+    assert "(expect_column_to_exist on 'weight')" in summary and "(expect_table_columns_to_match_set)" in summary
+    with pytest.raises(ValidationFailed) as e:
+        check(r, None)
+    assert e.value.exit_code == 2 and "expect_column_to_exist" in str(e.value)
+    # extra columns are allowed; the expectations are evaluated, not skipped
+    ok = validate_prompts(_prompts(source=["a", "b", "c", "d"]))
+    assert ok.success, ok.summary()
+    types = [x["expectation_config"]["type"] for x in ok.ge_result["results"]]
+    assert "expect_table_columns_to_match_set" in types and types.count("expect_column_to_exist") == 3
+
+
 def test_reward_maps():
     good = torch.rand(3, 16, 16)
     assert validate_reward_maps(good, num_samples=3, height=16, width=16, value_range=(0, 1)).success

@@ -11,16 +11,16 @@ Sizes are PER PROCESS (per GPU under ``accelerate launch``) unless a field says 
 from __future__ import annotations
 
 import datetime
-import difflib
 import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, ValidationError, ValidationInfo, model_validator
 from pydantic_core import PydanticCustomError
 
+from .config_checks import Absent, _is_model, choose, input_error
 from .errors import PxpoInputError
 
 
@@ -55,7 +55,7 @@ class _Section(BaseModel):
             super().__setattr__(name, value)
         except ValidationError as e:
             section = _SECTION_OF.get(type(self))
-            raise _input_error(e, "assignment", prefix=(section,) if section else ()) from None
+            raise input_error(e, "assignment", Config, prefix=(section,) if section else ()) from None
 
 
 class ModelConfig(_Section):
@@ -171,36 +171,6 @@ class PipelineConfig(_Section):
     epochs_per_round: Int = Field(1, ge=1, description="Epochs each train component runs (the first from the stage's samples).")
 
 
-class _Absent:
-    """Stands in for a top-level key not passed to this task: any use raises."""
-
-    __slots__ = ("_key",)
-
-    def __init__(self, key: str):
-        object.__setattr__(self, "_key", key)
-
-    def error(self, attr: str | None = None) -> PxpoInputError:
-        where, key = self._key if attr is None else f"{self._key}.{attr}", self._key
-        return PxpoInputError(where, f"{key!r} was not passed to this task", f"add {key!r} to the stage's sections in the pipeline")
-
-    def __getattr__(self, name: str):
-        if name.startswith("__") or name == "_key":  # keep copy/pickle/introspection protocols working
-            raise AttributeError(name)
-        raise self.error(name)
-
-    def __reduce__(self):  # pickle and deepcopy
-        return _Absent, (self._key,)
-
-    def __eq__(self, other) -> bool:
-        return type(other) is _Absent and other._key == self._key
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        raise self.error(name)
-
-    def __repr__(self) -> str:
-        return f"<{self._key}: not passed to this task>"
-
-
 # The field `register` shadows ABCMeta.register of the model class, which nothing here uses.
 with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message='Field name "register"', category=UserWarning)
@@ -225,7 +195,7 @@ with warnings.catch_warnings():
         def _check(self, info: ValidationInfo) -> Config:
             s, t = self.__dict__["sample"], self.__dict__["train"]
             sections = (info.context or {}).get("sections")
-            if isinstance(s, _Absent) or isinstance(t, _Absent) or (sections is not None and not {"sample", "train"} <= sections):
+            if isinstance(s, Absent) or isinstance(t, Absent) or (sections is not None and not {"sample", "train"} <= sections):
                 return self  # a restricted task: the full params were checked when the pipeline was compiled
             total = s.batch_size * s.num_batches
             if total % t.batch_size:
@@ -238,7 +208,7 @@ with warnings.catch_warnings():
 
         def __getattribute__(self, name: str):
             value = super().__getattribute__(name)
-            if type(value) is _Absent and name in _SCALARS:
+            if type(value) is Absent and name in _SCALARS:
                 raise value.error()
             return value
 
@@ -247,70 +217,12 @@ with warnings.catch_warnings():
             return self.model_dump()
 
         def model_dump(self, **kwargs) -> dict:  # a restricted config dumps its passed keys only
-            return super().model_dump(**{"include": {k for k, v in self.__dict__.items() if type(v) is not _Absent}, **kwargs})
-
-
-def _is_model(annotation) -> bool:
-    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
+            return super().model_dump(**{"include": {k for k, v in self.__dict__.items() if type(v) is not Absent}, **kwargs})
 
 
 KEYS = tuple(Config.model_fields)  # the top-level keys of params.yaml, in order
 _SCALARS = frozenset(k for k, f in Config.model_fields.items() if not _is_model(f.annotation))  # seed, output_dir
 _SECTION_OF = {f.annotation: k for k, f in Config.model_fields.items() if k not in _SCALARS}  # TrainConfig -> "train"
-
-
-# --- errors: pydantic's ValidationError -> PxpoInputError(file: field, problem, fix) ---
-
-# What a failed type check expected, by pydantic error type prefix (first match wins).
-_KINDS = {"bool_not_number": "a number", "int": "an integer", "float": "a number", "bool": "a boolean (true or false)",
-          "string": "a string", "dict": "a mapping", "model": "a mapping of fields"}
-
-
-def _choose(name: str, valid: list[str] | tuple[str, ...]) -> str:
-    """The fix for an unknown name: the valid ones and the closest."""
-    close = difflib.get_close_matches(name, valid, n=1)
-    return f"use one of {', '.join(valid)}" + (f"; did you mean {close[0]!r}?" if close else "")
-
-
-def _problem_and_fix(err: dict, loc: tuple[str, ...]) -> tuple[str, str]:
-    typ, ctx, value = err["type"], err.get("ctx") or {}, err.get("input")
-    cls = Config  # the model holding loc[-1]
-    for part in loc[:-1]:
-        cls = getattr(cls.model_fields.get(part), "annotation", None) if _is_model(cls) else None
-    if typ == "pxpo":
-        return ctx["problem"], ctx["fix"]
-    if typ == "extra_forbidden":
-        return f"unknown key {loc[-1]!r}", _choose(loc[-1], sorted(cls.model_fields) if _is_model(cls) else [])
-    if typ == "literal_error":
-        return f"unknown value {value!r}", f"use one of {', '.join(get_args(cls.model_fields[loc[-1]].annotation))}"
-    if typ in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
-        op = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}[typ]
-        bound = next(iter(ctx.values()))
-        return f"must be {op} {bound}, got {value!r}", f"set a value {op} {bound}"
-    kind = next((k for prefix, k in _KINDS.items() if typ.startswith(prefix)), "a valid value")
-    if value is None:
-        return "must not be empty (null)", f"give {kind}"
-    if kind == "a mapping of fields":
-        return f"expected a mapping of fields, got {type(value).__name__}", "write key: value pairs under it"
-    return f"{value!r} is not {kind}", f"give {kind}"
-
-
-def _input_error(e: ValidationError, source: str, prefix: tuple = (), overridden: Iterable[str] = ()) -> PxpoInputError:
-    """The first error of ``e`` as a PxpoInputError naming the source, the dotted field and the fix."""
-    errors = e.errors(include_url=False)
-    locs = [prefix + tuple(map(str, er["loc"])) + (tuple(er["ctx"]["field"].split(".")) if er["type"] == "pxpo" else ()) for er in errors]
-    err, loc, dotted = errors[0], locs[0], ".".join(locs[0])
-    problem, fix = _problem_and_fix(err, loc)
-    if len(errors) > 1:
-        problem += f" (also: {', '.join('.'.join(lc) for lc in locs[1:])})"
-    # Blame the command line for a field it set; for a cross-field check, when it set one of the sections involved.
-    where = source
-    involved = {loc[0]} if prefix or err["loc"] else {"sample", "train"}
-    if any(dotted == k or dotted.startswith(k + ".") or k.startswith(dotted + ".") for k in overridden):
-        where = "command line"
-    elif err["type"] == "pxpo" and any(k.split(".")[0] in involved for k in overridden):
-        where = "command line" if source == "defaults" else f"{source} with command-line overrides"
-    return PxpoInputError(f"{where}: {dotted}", problem, fix)
 
 
 def _set_dotted(data: dict, dotted: str, value) -> None:
@@ -326,7 +238,7 @@ def _set_dotted(data: dict, dotted: str, value) -> None:
 def _check_sections(sections: Iterable[str]) -> frozenset[str]:
     sections = frozenset([sections] if isinstance(sections, str) else sections)
     for name in sorted(sections - set(KEYS)):
-        raise PxpoInputError(f"sections: {name}", "unknown section", _choose(name, KEYS))
+        raise PxpoInputError(f"sections: {name}", "unknown section", choose(name, KEYS))
     return sections
 
 
@@ -369,11 +281,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     try:
         cfg = Config.model_validate(data, context={"sections": sections})
     except ValidationError as e:
-        raise _input_error(e, source, overridden=overridden) from None
+        raise input_error(e, source, Config, overridden=overridden) from None
     if sections is not None:
         for key in KEYS:
             if key not in sections:
-                cfg.__dict__[key] = _Absent(key)
+                cfg.__dict__[key] = Absent(key)
     return cfg
 
 

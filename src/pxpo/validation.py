@@ -185,6 +185,9 @@ def _run_suite_here(name: str, df, expectations: list[tuple[str, dict]]) -> Vali
             continue
         cfg = r.expectation_config
         res = r.result or {}
+        mismatched = dict((res.get("details") or {}).get("mismatched") or {})
+        if cfg.kwargs.get("exact_match") is False:  # a subset check: only missing columns fail it
+            mismatched.pop("unexpected", None)
         failures.append(
             Failure(
                 expectation=cfg.type,
@@ -192,7 +195,8 @@ def _run_suite_here(name: str, df, expectations: list[tuple[str, dict]]) -> Vali
                 description=(cfg.meta or {}).get("description", cfg.type),
                 unexpected_rows=[int(i) for i in (res.get("unexpected_index_list") or [])][:20],
                 unexpected_values=list(res.get("partial_unexpected_list") or [])[:20],
-                observed=res.get("observed_value"),
+                # ExpectTableColumnsToMatchSet: the missing (/unexpected) columns, not every column
+                observed=mismatched or res.get("observed_value"),
             )
         )
     return ValidationReport(
@@ -201,37 +205,51 @@ def _run_suite_here(name: str, df, expectations: list[tuple[str, dict]]) -> Vali
     )
 
 
+PROMPT_COLUMNS = ("prompt", "weight", "split")
+
+
 @_timed_ge
 def validate_prompts(df, *, min_length=1, max_length=300, min_heldout=1, max_heldout_fraction=0.5) -> ValidationReport:
-    """Prompt dataset: columns prompt, weight, split (one row per prompt)."""
-    cols = ["prompt", "weight", "split"]
-    missing = [c for c in cols if c not in df.columns]
-    if missing:
-        return ValidationReport("prompts", False, 1, [Failure("expect_table_columns_to_match_set", None, f"columns {missing} are required", observed=list(df.columns))])
-    d = df.copy()
-    d["prompt"] = d["prompt"].map(lambda p: p.strip() if isinstance(p, str) else p)
-    d["prompt_norm"] = d["prompt"].map(lambda p: " ".join(p.split()).casefold() if isinstance(p, str) else p)
+    """Prompt dataset: columns prompt, weight, split (one row per prompt; other columns are allowed).
+
+    The schema is checked by GE's table expectations (``ExpectTableColumnsToMatchSet``
+    for the set, ``ExpectColumnToExist`` per column, so a failure names each missing
+    column); the row expectations of a missing column are left out, not errored.
+    """
+    cols = list(PROMPT_COLUMNS)
+    have = set(df.columns)
+    d = df.reset_index(drop=True)  # a new frame: the derived columns below never touch the caller's
     n = len(d)
-    heldout = int((d["split"] == "heldout").sum())
-    d["heldout_count"] = heldout
-    d["heldout_fraction"] = heldout / n if n else 0.0
-    d["train_count"] = int((d["split"] == "train").sum())
-    d = d.reset_index(drop=True)
     ex = [
+        _spec("ExpectTableColumnsToMatchSet", f"columns {cols} are required", column_set=cols, exact_match=False),
+        *(_spec("ExpectColumnToExist", f"column {c!r} is required", column=c) for c in cols),
         _spec("ExpectTableRowCountToBeBetween", "the dataset must not be empty", min_value=1),
-        _spec("ExpectColumnValuesToNotBeNull", "every row needs a prompt", column="prompt"),
-        _spec("ExpectColumnValueLengthsToBeBetween", f"prompt length must be {min_length}-{max_length} characters", column="prompt", min_value=min_length, max_value=max_length),
-        _spec("ExpectColumnValuesToBeUnique", "prompts must be unique (ignoring case and whitespace)", column="prompt_norm"),
-        _spec("ExpectColumnValuesToNotBeNull", "weights must be numbers", column="weight"),
-        _spec("ExpectColumnValuesToBeBetween", "weights must be > 0", column="weight", min_value=0, strict_min=True),
-        _spec("ExpectColumnValuesToBeInSet", "split must be train or heldout", column="split", value_set=["train", "heldout"]),
     ]
-    if n:
+    if "prompt" in have:
+        d["prompt"] = d["prompt"].map(lambda p: p.strip() if isinstance(p, str) else p)
+        d["prompt_norm"] = d["prompt"].map(lambda p: " ".join(p.split()).casefold() if isinstance(p, str) else p)
         ex += [
-            _spec("ExpectColumnMinToBeBetween", f"at least {min_heldout} held-out prompt(s)", column="heldout_count", min_value=min_heldout),
-            _spec("ExpectColumnMaxToBeBetween", f"at most {max_heldout_fraction:.0%} of prompts held out", column="heldout_fraction", max_value=max_heldout_fraction),
-            _spec("ExpectColumnMinToBeBetween", "at least one training prompt", column="train_count", min_value=1),
+            _spec("ExpectColumnValuesToNotBeNull", "every row needs a prompt", column="prompt"),
+            _spec("ExpectColumnValueLengthsToBeBetween", f"prompt length must be {min_length}-{max_length} characters", column="prompt", min_value=min_length, max_value=max_length),
+            _spec("ExpectColumnValuesToBeUnique", "prompts must be unique (ignoring case and whitespace)", column="prompt_norm"),
         ]
+    if "weight" in have:
+        ex += [
+            _spec("ExpectColumnValuesToNotBeNull", "weights must be numbers", column="weight"),
+            _spec("ExpectColumnValuesToBeBetween", "weights must be > 0", column="weight", min_value=0, strict_min=True),
+        ]
+    if "split" in have:
+        heldout = int((d["split"] == "heldout").sum())
+        d["heldout_count"] = heldout
+        d["heldout_fraction"] = heldout / n if n else 0.0
+        d["train_count"] = int((d["split"] == "train").sum())
+        ex.append(_spec("ExpectColumnValuesToBeInSet", "split must be train or heldout", column="split", value_set=["train", "heldout"]))
+        if n:
+            ex += [
+                _spec("ExpectColumnMinToBeBetween", f"at least {min_heldout} held-out prompt(s)", column="heldout_count", min_value=min_heldout),
+                _spec("ExpectColumnMaxToBeBetween", f"at most {max_heldout_fraction:.0%} of prompts held out", column="heldout_fraction", max_value=max_heldout_fraction),
+                _spec("ExpectColumnMinToBeBetween", "at least one training prompt", column="train_count", min_value=1),
+            ]
     return run_suite("prompts", d, ex)
 
 
