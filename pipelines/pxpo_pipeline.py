@@ -59,8 +59,48 @@ class PipelineOptions:
     artifact_secret_env: dict[str, str] = field(default_factory=lambda: {
         k: k for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MLFLOW_S3_ENDPOINT_URL")
     })
+    # Training at scale (docs/distributed.md): data-parallel processes per train pod (torchrun; 0: one per
+    # GPU of the pod, which requests accelerator_limit GPUs), and train_nodes > 1: the train task creates a
+    # Kubeflow Trainer TrainJob (runtime train_runtime) of train_nodes nodes x accelerator_limit GPUs that
+    # shares the ReadWriteMany PVC train_shared_pvc (trajectories in; checkpoints, state, policy out).
+    train_processes_per_node: int = 1
+    train_nodes: int = 1
+    train_shared_pvc: Optional[str] = None
+    train_shared_mount: str = "/pxpo-shared"
+    train_namespace: str = "kubeflow"
+    train_runtime: str = "torch-distributed"
     ttl_s: Optional[int] = 7 * 24 * 3600  # keep a finished run's workflow (and its pods' logs) this long
     deadline_s: Optional[int] = 3 * 24 * 3600  # a run still going after this long is stopped
+
+
+def trainjob_settings(o: PipelineOptions) -> dict:
+    """What the train component needs to create the multi-node TrainJob (``pxpo.kubeflow.trainjob``)."""
+    from pxpo.errors import PxpoInputError
+    from pxpo.kubeflow.container_images import image_ref
+
+    if not o.train_shared_pvc:
+        raise PxpoInputError("PipelineOptions.train_nodes", f"{o.train_nodes} nodes need a volume every node sees", "set train_shared_pvc to a ReadWriteMany PVC")
+    return {
+        "num_nodes": o.train_nodes, "gpus_per_node": o.accelerator_limit, "accelerator_type": o.accelerator_type,
+        "pvc": o.train_shared_pvc, "mount_path": o.train_shared_mount, "namespace": o.train_namespace,
+        "runtime": o.train_runtime, "image": image_ref("cuda"), "cpu": o.cpu_request, "memory": o.memory_request,
+        "shm_size": o.shm_size or "8Gi", "node_selector": dict(o.node_selector), "tolerations": list(o.tolerations),
+    }
+
+
+def _train_task(o: PipelineOptions, **kw):
+    """The train task: one pod (``train_processes_per_node`` processes), or a TrainJob of ``train_nodes`` nodes."""
+    import json
+
+    if o.train_nodes > 1:
+        task = train(**kw, trainjob=json.dumps(trainjob_settings(o), sort_keys=True), run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
+        kubernetes.mount_pvc(task, pvc_name=o.train_shared_pvc, mount_path=o.train_shared_mount)
+        _retry(task, o)
+        kubernetes.set_timeout(task, o.timeout_s)
+        return task.set_cpu_request("1").set_memory_request("4Gi")  # it copies files and waits: the nodes train
+    if o.train_processes_per_node != 1:
+        kw["processes_per_node"] = o.train_processes_per_node
+    return _gpu_task(train(**kw), o)
 
 
 def _gpu_task(task, o: PipelineOptions):
@@ -156,7 +196,7 @@ def build_pipeline(o: Optional[PipelineOptions] = None):
             )
             if policy_task is not None:
                 tkw["state"] = policy_task.outputs["policy"]
-            policy_task = _gpu_task(train(**params("train"), **tkw), o).set_display_name(f"train round {r}")
+            policy_task = _train_task(o, **params("train"), **tkw).set_display_name(f"train round {r}")
         ev = _gpu_task(
             evaluate(**params("evaluate"), base_model=base.outputs["model"], dataset=data.outputs["dataset"], policy=policy_task.outputs["policy"]),
             o,

@@ -5,7 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null || PY=python3
-stamp=.venv/.pxpo-setup-$(cat requirements-lock.txt pyproject.toml | sha256sum | cut -c1-16)
+stamp=.venv/.pxpo-setup-$(cat requirements-lock.txt pyproject.toml requirements-labelstudio.txt | sha256sum | cut -c1-16)
+# label-studio-sdk's brush codec without its dependencies (why: requirements-labelstudio.txt)
+nodeps=$(sed -n 's/^# pxpo-nodeps: //p' requirements-labelstudio.txt)
 if [ -f "$stamp" ]; then exit 0; fi
 links=()
 # torch==2.13.0 CPU wheel shipped on this kind of machine; elsewhere PyPI serves it.
@@ -15,10 +17,12 @@ if command -v uv >/dev/null; then
   uv venv -q --allow-existing -p "$PY" .venv
   VIRTUAL_ENV=.venv uv pip install -q --compile-bytecode "${links[@]}" -r requirements-lock.txt
   VIRTUAL_ENV=.venv uv pip install -q --compile-bytecode --no-deps -e .
+  VIRTUAL_ENV=.venv uv pip install -q --compile-bytecode --no-deps $nodeps
 else
   "$PY" -m venv .venv
   .venv/bin/pip install -q "${links[@]}" -r requirements-lock.txt
   .venv/bin/pip install -q --no-deps -e .
+  .venv/bin/pip install -q --no-deps $nodeps
 fi
 rm -f .venv/.pxpo-setup-*
 touch "$stamp"

@@ -415,6 +415,37 @@ def test_gate_and_register_run(store, tmp_path, tiny_model_dir, monkeypatch):
     assert str(client.get_model_version_by_alias("pxpo-gate", "champion").version) == "3"
 
 
+def test_register_refuses_promotion_beyond_max_drift(store, tmp_path, tiny_model_dir, monkeypatch):
+    """register.max_drift: a policy that drifted further from the base than allowed is not promoted."""
+    from pxpo.config import load_config
+    from pxpo.errors import PxpoInputError
+    from pxpo.mlflow.promotion import gate_and_register
+
+    monkeypatch.chdir(tmp_path)
+    report = tmp_path / "ok.json"
+    report.write_text('{"success": true}')
+    pol = tmp_path / "pol"
+    _fake_policy(tiny_model_dir, pol, 7)
+
+    def gate(name, drift, max_drift):
+        ev = tmp_path / f"eval-{name}"
+        ev.mkdir(exist_ok=True)
+        m = {"reward_mean": 0.6, "reward_gain": 0.2, "num_samples": 4}
+        if drift is not None:
+            m["drift_pixel_l1"] = drift
+        (ev / "metrics.json").write_text(json.dumps(m))
+        over = [f"register.max_drift={max_drift}"] if max_drift is not None else []
+        cfg = load_config(None, [f"model.path={tiny_model_dir}", f"register.model_name=pxpo-drift-{name}", "register.experiment=drift", *over])
+        return gate_and_register(cfg, policy_dir=pol, eval_dir=ev, tracking_uri=store, validation_reports=[report], out=None)
+
+    d = gate("far", 0.4, 0.3)
+    assert not d["promoted"] and "drift_pixel_l1 0.4000 > register.max_drift 0.3" in d["reason"]
+    assert gate("near", 0.2, 0.3)["promoted"]
+    assert gate("off", 0.9, None)["promoted"]  # default: no drift gate
+    with pytest.raises(PxpoInputError, match="drift_pixel_l1"):
+        gate("missing", None, 0.3)
+
+
 # ----- a real tracking server --------------------------------------------------------
 
 

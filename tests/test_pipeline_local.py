@@ -30,6 +30,18 @@ def test_local_pipeline_registers_a_champion(tmp_path, tiny_model_dir, monkeypat
     out = capsys.readouterr().out
     assert code == 0, out[-3000:]
     assert "is champion" in out
+    # one line per task, no executor input or params on the terminal; full logs in files named in the output
+    lines = out.strip().splitlines()
+    assert len(lines) < 20, out
+    assert "executor_input" not in out and "params_train" not in out and "torchvision" not in out
+    task_lines = [ln for ln in lines if ln.startswith("[")]
+    assert len(task_lines) == 10 and all(" SUCCESS " in ln for ln in task_lines), out  # base-model, prepare, 2 x (sample, label, train), evaluate, register
+    assert any("held-out reward" in ln for ln in task_lines) and any("registered pxpo-test v1" in ln for ln in task_lines)
+    assert any(" train " in ln and "trained 1 round(s) to epoch 1" in ln for ln in task_lines), out
+    log_dir = Path(out.split("each task's full log: ", 1)[1].split("/<task>.log", 1)[0])
+    full = (log_dir / "pipeline.log").read_text()
+    assert "Got executor_input" in full and "params_train" in full  # the full logs are in the files
+    assert len(list(log_dir.glob("*.log"))) == 11  # 10 tasks + pipeline.log
     root = tmp_path / "w" / "kfp_outputs"
     evals = list(root.rglob("evaluation/metrics.json"))
     assert evals and "reward_mean" in json.loads(evals[0].read_text())
@@ -56,6 +68,75 @@ def test_local_pipeline_registers_a_champion(tmp_path, tiny_model_dir, monkeypat
     )
     out = capsys.readouterr().out
     assert code == 0, out[-3000:]
+    assert sum(" CACHED " in ln for ln in out.splitlines()) == 9 and "[10/10] register" in out, out
     (second,) = set(root.iterdir()) - runs_before
     assert sorted(p.name for p in second.iterdir()) == ["register"]  # every other task was a cache hit
     assert str(client.get_model_version_by_alias("pxpo-test", "champion").version) == "1"  # margin 100: not promoted
+
+
+def _kfp_stream(task, status="SUCCESS", summary="did it", body=("noise",)):
+    """What kfp.local writes to stdout for one task (colours included)."""
+    cyan, end = "\x1b[96m", "\x1b[0m"
+    lines = [f"15:00:00.000 - INFO - Executing task {cyan}'{task}'{end}", "15:00:00.001 - INFO - Streamed logs:", ""]
+    lines += [f"    {b}" for b in body]
+    if summary:
+        lines.append(f"    pxpo summary: {summary}")
+    lines.append(f"15:00:01.000 - INFO - Task {cyan}'{task}'{end} finished with status \x1b[92m{status}{end}")
+    return "\n".join(lines) + "\n"
+
+
+def test_task_progress_one_line_per_task(tmp_path):
+    import io
+
+    from pxpo.kubeflow.local_progress import TaskProgress
+
+    term = io.StringIO()
+    p = TaskProgress(tmp_path / "logs", total=3, out=term)
+    p.write(_kfp_stream("prepare", summary="prepared 40 prompts", body=('{"executorInput": {"params_train": "..."}}',)))
+    p.write("15:00:02.000 - INFO - Task sample cache hit (key=abc); skipping execution.\n")
+    for chunk in (_kfp_stream("train", "FAILURE", summary=None, body=("Traceback", "ValueError: boom")),):
+        p.write(chunk[:17])  # kfp writes in pieces
+        p.write(chunk[17:])
+    p.close()
+    lines = term.getvalue().splitlines()
+    assert lines[0].startswith("[1/3] prepare") and "SUCCESS" in lines[0] and lines[0].endswith("prepared 40 prompts")
+    assert lines[1].startswith("[2/3] sample") and "CACHED" in lines[1]
+    assert lines[2].startswith("[3/3] train") and "FAILURE" in lines[2] and str(tmp_path / "logs" / "train.log") in lines[2]
+    assert any("ValueError: boom" in ln for ln in lines[3:])  # the failed task's tail
+    assert "executorInput" not in term.getvalue()
+    assert "executorInput" in (tmp_path / "logs" / "prepare.log").read_text()
+    assert "\x1b[" not in (tmp_path / "logs" / "pipeline.log").read_text()
+    assert p.failed == ["train"]
+
+
+def test_count_tasks_of_the_pipeline():
+    from pipelines.pxpo_pipeline import PipelineOptions, build_pipeline
+    from pxpo.kubeflow.local_progress import count_tasks
+
+    opts = PipelineOptions()
+    opts.rounds = 2
+    assert count_tasks(build_pipeline(opts)) == 10  # base-model, prepare, 2 x (sample, label, train), evaluate, register
+
+
+def test_launcher_repeats_the_stage_summary(capsys):
+    import sys
+
+    from pxpo.kubeflow.launcher import SUMMARY_PREFIX, run_command
+
+    run_command([sys.executable, "-c", "print('step 1'); print('trained 2 round(s)'); print()"])
+    out = capsys.readouterr().out
+    assert out.strip().splitlines()[-1] == SUMMARY_PREFIX + "trained 2 round(s)"
+
+
+def test_torchvision_fallback_warning_is_silenced():
+    import subprocess
+    import sys
+
+    code = (
+        "from pxpo.quiet import silence_uninformative_warnings; silence_uninformative_warnings(); "
+        "import transformers; transformers.CLIPImageProcessor; import logging; "
+        "logging.getLogger('transformers.utils.import_utils').warning('another message')"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "torchvision" not in r.stderr and "another message" in r.stderr

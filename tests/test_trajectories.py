@@ -62,6 +62,27 @@ def test_reward_maps_roundtrip_and_checks(tmp_path):
         load_reward_maps(tmp_path / "t", 3, (16, 16))
 
 
+@pytest.mark.parametrize("dtype", [torch.int8, torch.uint8, torch.int64, torch.bool])
+def test_integer_reward_maps_are_refused(tmp_path, dtype):
+    """int8 maps used to reach the trainer and crash in mean() (RuntimeError, exit 1)."""
+    from safetensors.torch import save_file
+
+    save_trajectories(_traj(), tmp_path / "t")
+    save_file({"maps": torch.ones(3, 16, 16, dtype=dtype)}, str(tmp_path / "t" / "reward_maps.safetensors"))
+    with pytest.raises(PxpoInputError, match="not floating point") as e:
+        load_reward_maps(tmp_path / "t", 3, (16, 16))
+    assert "reward_maps.safetensors" in str(e.value) and e.value.exit_code == 2
+
+
+def test_half_precision_maps_are_converted_to_float32(tmp_path):
+    from safetensors.torch import save_file
+
+    save_trajectories(_traj(), tmp_path / "t")
+    save_file({"maps": torch.rand(3, 16, 16).half()}, str(tmp_path / "t" / "reward_maps.safetensors"))
+    maps, _ = load_reward_maps(tmp_path / "t", 3, (16, 16))
+    assert maps.dtype == torch.float32
+
+
 def test_corrupt_artifact_is_named(tmp_path):
     save_trajectories(_traj(), tmp_path / "t")
     (tmp_path / "t" / "trajectories.safetensors").write_bytes(b"garbage")

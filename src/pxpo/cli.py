@@ -1,10 +1,11 @@
 """``pxpo``: the one command-line seam every stage (local, DVC, KFP) calls.
 
     pxpo base build [--out models/base]        build + pretrain the embedded default
-    pxpo run    [--params params.yaml] [k=v ...]   online loop: sample -> label -> train, N epochs
+    pxpo run    [--params params.yaml] [--processes N] [k=v ...]   online loop: sample -> label -> train, N epochs
     pxpo prepare --out DIR [--input FILE]      prompt dataset: dedupe, split, validate (GE)
     pxpo sample --out DIR [--policy DIR] [--epoch K] [k=v ...]   write a trajectory artifact
     pxpo label  --trajectories DIR [k=v ...]   write reward_maps.safetensors beside it
+    pxpo label-studio push|pull, pxpo dense-reward train   people's and learned maps (docs/labelling.md)
     pxpo train  --trajectories DIR --out DIR [--state DIR] [--rounds R]   train (first epoch on DIR)
     pxpo evaluate --policy DIR --out DIR       held-out prompts, policy vs base
     pxpo register --policy DIR --eval DIR      MLflow model version, gated champion alias
@@ -17,9 +18,10 @@ Bad input exits with status 2 and one message naming the input and the fix.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
+
+from .quiet import silence_uninformative_warnings
 from pathlib import Path
 
 from .errors import PxpoInputError
@@ -34,6 +36,8 @@ COMMANDS = {
     "prepare": "pxpo.stages.prepare",
     "sample": "pxpo.stages.sample",
     "label": "pxpo.stages.label",
+    "label-studio push": "pxpo.stages.label_studio", "label-studio pull": "pxpo.stages.label_studio",
+    "dense-reward train": "pxpo.stages.dense_reward",
     "train": "pxpo.stages.train",
     "run": "pxpo.stages.online",
     "evaluate": "pxpo.stages.evaluate",
@@ -100,9 +104,11 @@ def cmd_base_random(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from .stages.online import run_online
+    from .stages.online import launch, run_online
 
     cfg = _config(args)
+    if args.processes is not None:  # this command again as N data-parallel processes (torchrun)
+        return launch(cfg, args.processes, args)
     summary = run_online(cfg, progress=not args.quiet, resume=not args.no_resume)
     if "reward_first" in summary:
         print(
@@ -186,6 +192,10 @@ def cmd_pipeline(args) -> int:
 
     cfg = _config(args)  # the whole resolved config: each task is given its sections of it (pxpo.kubeflow.launcher)
     opts = {"rounds": args.rounds} if getattr(args, "rounds", None) else {}
+    if args.pipeline_command == "compile" and cfg.label.mode == "human":  # two pipelines, people in between (README)
+        from pipelines.human_in_the_loop import compile_human_pipelines, options_like
+        print("compiled {} and {} (label.mode: human)".format(*compile_human_pipelines(Path(args.out).parent, options_like(kc.options_from(cfg, opts)))))
+        return 0
     if args.pipeline_command == "compile":
         out = kc.compile_pipeline(cfg, Path(args.out), opts)
         print(f"compiled {out} ({cfg.pipeline.rounds if not opts else opts['rounds']} rounds)")
@@ -198,8 +208,7 @@ def cmd_pipeline(args) -> int:
         workdir = Path(args.workdir).resolve()
         uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(workdir / 'mlflow' / 'mlflow.db').resolve()}"
         (workdir / "mlflow").mkdir(parents=True, exist_ok=True)
-        result = kc.run_local(cfg, prompts_uri=prompts_uri, model_ref=model_ref, workdir=workdir, mlflow_tracking_uri=uri, options=opts)
-        print(json.dumps(result, indent=2, default=str))
+        result = kc.run_local(cfg, prompts_uri=prompts_uri, model_ref=model_ref, workdir=workdir, mlflow_tracking_uri=uri, options=opts, verbose=args.verbose)
         print(
             f"pipeline finished in {result['wall_seconds']:.0f}s: {cfg.register.model_name} v{result.get('version')} "
             + ("is champion" if result.get("promoted") else "registered as challenger (not promoted)")
@@ -274,6 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="online loop: sample -> label -> train for train.epochs epochs")
     with_config(r)
     r.add_argument("--no-resume", action="store_true", help="start fresh even if checkpoints exist")
+    r.add_argument("--processes", type=int, default=None, help="data-parallel processes on this node (torchrun): the same result as one")
     r.set_defaults(fn=cmd_run)
 
     s = sub.add_parser("sample", help="sample trajectories with per-element log-probs")
@@ -292,6 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
     lab.add_argument("--validate", action="store_true", help="run the Great Expectations reward-map suite before writing")
     lab.add_argument("--report", default=None, help="validation report path (default: <trajectories>/reward_maps.validation.json)")
     lab.set_defaults(fn=cmd_label)
+
+    from .stages.feedback_cli import add_feedback_parsers
+    add_feedback_parsers(sub, with_config, _config)  # label-studio push|pull, dense-reward train
 
     t = sub.add_parser("train", help="one training pass on labelled trajectories")
     with_config(t)
@@ -342,6 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     prun.add_argument("--prompts-uri", default=None, help="raw prompt file (default: prepare.input)")
     prun.add_argument("--model-ref", default=None, help="'embedded', a model dir or hub id (default: model.path if built, else embedded)")
     prun.add_argument("--tracking-uri", default=None)
+    prun.add_argument("--verbose", action="store_true", help="stream every task's full log here (default: one line per task, logs in files)")
     psubm = psub.add_parser("submit", help="submit to a KFP endpoint (kfp.Client)")
     with_config(psubm)
     psubm.add_argument("--host", required=True, help="KFP API endpoint, e.g. https://kfp.example.com/pipeline")
@@ -361,6 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    silence_uninformative_warnings()  # transformers' torchvision fallback notes (pxpo.quiet)
     args = build_parser().parse_args(argv)
     if getattr(args, "quiet", False):  # also the model-loading bars of transformers / huggingface_hub / diffusers
         os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"

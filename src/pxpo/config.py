@@ -1,6 +1,6 @@
 """One typed, validated config; ``params.yaml`` is its single source.
 
-Sections mirror the stages (``model``, ``prompts``, ``sample``, ``reward``, ``train``, ``base``, ``prepare``,
+Sections mirror the stages (``model``, ``prompts``, ``sample``, ``reward``, ``label``, ``train``, ``base``, ``prepare``,
 ``evaluate``, ``register``, ``pipeline``) plus top-level ``seed`` and ``output_dir``. The CLI, DVC stages and
 KFP components build a :class:`Config` with :func:`load_config`, which applies ``section.field=value``
 overrides. Each section is a pydantic model forbidding unknown keys; a bad value, unknown key or override
@@ -75,8 +75,8 @@ class SampleConfig(_Section):
     num_steps: Int = Field(20, ge=1, description="The denoising steps T (DDIM: 20-50; LCM: 2-8).")
     eta: Float = Field(1.0, description="The DDIM stochasticity, which must be > 0 to train on the samples.")
     guidance_scale: Float = Field(3.0, description="The classifier-free guidance scale w (<= 1 disables CFG).")
-    batch_size: Int = Field(32, ge=1, description="Samples per UNet batch, per process.")
-    num_batches: Int = Field(1, ge=1, description="Batches per epoch, per process (samples/epoch = batch_size * num_batches * processes).")
+    batch_size: Int = Field(32, ge=1, description="Samples per UNet batch, GLOBAL: each of N processes rolls out batch_size / N at a time.")
+    num_batches: Int = Field(1, ge=1, description="Batches per epoch (samples/epoch = batch_size * num_batches, global: the same for any number of processes).")
 
     @model_validator(mode="after")
     def _check(self) -> SampleConfig:
@@ -100,6 +100,25 @@ class RewardConfig(_Section):
         return self
 
 
+
+class LabelConfig(_Section):
+    """Who labels: the reward labeller (``model``) or people in Label Studio (``human``; docs/labelling.md)."""
+
+    mode: Literal["model", "human"] = Field("model", description='"model" (reward.name labels every sample) or "human" (pxpo label-studio push / pull).')
+    url: Str = Field("http://localhost:8080", description="The Label Studio server.")
+    token_env: Str = Field("LABEL_STUDIO_API_KEY", description="The environment variable holding the Label Studio API token (never the token itself).")
+    project: Str = Field("pxpo", description="The Label Studio project title (created by push when absent).")
+    strengths: dict[str, float] = Field(default_factory=lambda: {"good": 1.0, "bad": -1.0}, description="Brush label -> the reward of the pixels it paints.")
+    neutral: Float = Field(0.0, description="The reward of unpainted pixels.")
+    pre_annotate: StrictBool = Field(True, description="push: pre-paint each sample from reward.name's map (top third good, bottom third bad).")
+    missing: Literal["reject", "skip", "neutral"] = Field("reject", description='pull, for a sample nobody annotated: "reject" (exit 2), "skip" (left out of --out) or "neutral" (a neutral map).')
+
+    @model_validator(mode="after")
+    def _check(self) -> LabelConfig:
+        if not self.strengths:
+            raise _fail("strengths", "no brush labels", "give e.g. {good: 1.0, bad: -1.0}")
+        return self
+
 class TrainConfig(_Section):
     algorithm: Literal["pxpo", "ddpo"] = Field("pxpo", description='"pxpo" (per-element advantages) or "ddpo" (scalar: the map\'s mean).')
     loss: Literal["ppo", "sf"] = Field("ppo", description='"ppo" (clipped ratio) or "sf" (score function).')
@@ -107,8 +126,8 @@ class TrainConfig(_Section):
     baseline: Literal["position", "scalar"] = Field("position", description='The PXPO advantage baseline: "position" (mean map) or "scalar".')
     epochs: Int = Field(20, ge=1, description="Outer epochs (sample -> label -> train).")
     inner_epochs: Int = Field(1, ge=1, description="Passes over each epoch's samples.")
-    batch_size: Int = Field(8, ge=1, description="Samples per training micro-batch, per process.")
-    gradient_accumulation_steps: Int = Field(1, ge=1, description="Micro-batches per optimizer step (times the trained timesteps).")
+    batch_size: Int = Field(8, ge=1, description="Samples per training micro-batch, GLOBAL: each of N processes trains on batch_size / N of them (DDP averages).")
+    gradient_accumulation_steps: Int = Field(1, ge=1, description="Global micro-batches per optimizer step (times the trained timesteps); the same for any N.")
     timestep_fraction: Float = Field(1.0, gt=0, le=1, description="The fraction of the T timesteps trained per sample.")
     learning_rate: Float = Field(3e-4, gt=0, description="The AdamW learning rate.")
     adam_beta1: Float = Field(0.9, description="The AdamW first-moment decay.")
@@ -126,6 +145,12 @@ class TrainConfig(_Section):
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field("auto", description='"auto" (fp16 on CUDA, none on CPU), "no", "fp16" or "bf16".')
     save_every: Int = Field(5, ge=1, description="A checkpoint is saved every N epochs (and at the end).")
     keep_checkpoints: Int = Field(2, ge=1, description="The newest checkpoints kept.")
+    tracker_max_mb: Float = Field(256.0, gt=0, description="Bound on the per-prompt reward buffers (float32 MB); least recently seen prompts are dropped past it.")
+    max_log_ratio: Float = Field(20.0, gt=0, description="Per-element log-ratios are clamped to +- this before exp() (no inf / NaN far off-policy).")
+    max_skipped_steps: Int = Field(5, ge=0, description="Optimizer steps skipped for a non-finite loss or gradient before the run stops and rolls back.")
+    grad_spike_factor: Float = Field(100.0, ge=0, description="Stop and roll back when a gradient norm exceeds this times its running median (0: off).")
+    probe_every: Int = Field(5, ge=0, description="Log drift from the base model on a fixed probe batch every N epochs (0: off).")
+    probe_samples: Int = Field(8, ge=1, description="Samples in the drift probe batch (fixed prompts and seeds).")
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
@@ -164,6 +189,7 @@ class RegisterConfig(_Section):
     higher_is_better: StrictBool = Field(True, description="Whether a larger primary metric is better.")
     margin: Float = Field(0.0, description="The challenger must beat the champion by more than this.")
     min_gain: Float = Field(0.0, description="The challenger must also beat its own base model by more than this (reward_gain).")
+    max_drift: Float | None = Field(None, description="Refuse promotion when the evaluation's drift_pixel_l1 from the base model exceeds this (None: off).")
 
 
 class PipelineConfig(_Section):
@@ -184,6 +210,7 @@ with warnings.catch_warnings():
         prompts: PromptConfig = Field(default_factory=PromptConfig)
         sample: SampleConfig = Field(default_factory=SampleConfig)
         reward: RewardConfig = Field(default_factory=RewardConfig)
+        label: LabelConfig = Field(default_factory=LabelConfig)
         train: TrainConfig = Field(default_factory=TrainConfig)
         base: BaseConfig = Field(default_factory=BaseConfig)
         prepare: PrepareConfig = Field(default_factory=PrepareConfig)

@@ -33,6 +33,18 @@ def overlay(images: torch.Tensor, maps: torch.Tensor, alpha: float = 0.5) -> tor
     return (1 - alpha) * images + alpha * rgb
 
 
+def drift_metrics(base_images, images, base_latents, latents) -> dict:
+    """Drift of samples from the base model's with the same prompts and seeds.
+
+    images (N, 3, H, W) in [0, 1], latents (N, C, h, w) (the final latents):
+    ``drift_pixel_l1`` = mean |x - x_base|, ``drift_latent_rms`` = RMS of the latent difference.
+    """
+    return {
+        "drift_pixel_l1": float((images.float() - base_images.float()).abs().mean()),
+        "drift_latent_rms": float(((latents.float() - base_latents.float()) ** 2).mean().sqrt()),
+    }
+
+
 def heatmap_png(m: torch.Tensor, path: Path, title: str) -> None:
     import matplotlib
 
@@ -88,8 +100,7 @@ def evaluate(cfg: Config, policy_dir: str | None, out_dir: Path, *, samples_per_
         "reward_std": float(r_t.std(unbiased=False)),
         "base_reward_mean": float(r_b.mean()),
         "reward_gain": float(r_t.mean() - r_b.mean()),
-        "drift_pixel_l1": float((tuned.images - base.images).abs().mean()),
-        "drift_latent_rms": float(((tuned.latents[:, -1] - base.latents[:, -1]) ** 2).mean().sqrt()),
+        **drift_metrics(base.images, tuned.images, base.latents[:, -1], tuned.latents[:, -1]),
         "map_left_minus_right": float(mean_map[:, : w // 2].mean() - mean_map[:, w - w // 2 :].mean()),
         "map_top_minus_bottom": float(mean_map[: h // 2].mean() - mean_map[h - h // 2 :].mean()),
         "per_prompt_reward": per_prompt,
@@ -113,4 +124,4 @@ def summarize(metrics: dict) -> str:
     )
 
 
-__all__ = ["evaluate", "summarize", "overlay", "np"]
+__all__ = ["evaluate", "summarize", "overlay", "drift_metrics", "np"]

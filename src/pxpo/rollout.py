@@ -5,7 +5,8 @@ and the online loop all call these functions; none of them needs the
 optimiser.
 
 * :func:`sample_seed` -- the noise seed of one sample (run seed, epoch,
-  process, index), so resumed and staged runs draw identical samples.
+  stream, global index), so resumed, staged and multi-process runs draw
+  identical samples.
 * :func:`sample_trajectories` -- roll out the policy (DDIM or LCM) with
   classifier-free guidance, decode the images -> :class:`Trajectories`.
 * :func:`label_images` -- images -> checked reward maps.
@@ -22,14 +23,23 @@ from .trajectories import Trajectories, check_reward_maps, make_meta, quantize_i
 
 
 def sample_seed(seed: int, epoch: int, process: int, index: int) -> int:
-    """The noise seed of one sample: a function of (run seed, epoch, process, index) only,
-    so a resumed run draws exactly the samples an uninterrupted one would."""
+    """The noise seed of one sample: a function of (run seed, epoch, stream, index) only,
+    so a resumed run draws exactly the samples an uninterrupted one would.
+
+    Training samples use stream (``process``) 0 and the sample's GLOBAL index
+    in the epoch, so sample i is the same however many processes run."""
     return ((seed * 1_000_003 + epoch) * 1_009 + process) * 100_003 + index
 
 
 @torch.no_grad()
-def sample_trajectories(pipe, cfg: Config, prompts: list[str], seeds: list[int], *, progress=False) -> Trajectories:
+def sample_trajectories(
+    pipe, cfg: Config, prompts: list[str], seeds: list[int], *, progress=False, batch_size: int | None = None
+) -> Trajectories:
     """Roll out the policy for ``prompts`` (one sample each, noise from ``seeds``).
+
+    ``batch_size`` samples per UNet batch (default ``sample.batch_size``; a
+    process of N rolls out ``sample.batch_size / N``). Each sample's noise comes
+    from its own seed, so the batching does not change the samples.
 
     Returns:
         :class:`Trajectories` with latents (N, T+1, C, h, w), log_probs
@@ -44,10 +54,11 @@ def sample_trajectories(pipe, cfg: Config, prompts: list[str], seeds: list[int],
     size = unet.config.sample_size
     latent_shape = (c, size, size) if isinstance(size, int) else (c, *size)
     parts = []
-    for i in range(0, len(prompts), s.batch_size):
-        batch_prompts = prompts[i : i + s.batch_size]
+    chunk = batch_size or s.batch_size
+    for i in range(0, len(prompts), chunk):
+        batch_prompts = prompts[i : i + chunk]
         cond = encode_prompts(pipe.tokenizer, pipe.text_encoder, batch_prompts)
-        gens = [torch.Generator().manual_seed(sd) for sd in seeds[i : i + s.batch_size]]
+        gens = [torch.Generator().manual_seed(sd) for sd in seeds[i : i + chunk]]
         if s.sampler == "lcm":
             roll, final = sample_lcm(
                 unet, pipe.scheduler, cond, neg, latent_shape=latent_shape, num_steps=s.num_steps, guidance_scale=s.guidance_scale, generator=gens

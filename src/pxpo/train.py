@@ -20,13 +20,12 @@ labeller, prompt source, tracker), as trl's trainers do; the stages
 config. ``pxpo sample`` / ``label`` / ``train`` run the same steps on
 artifacts on disk; ``pxpo run`` runs them in one process.
 
-Launch on several GPUs with Accelerate::
-
-    accelerate launch --num_processes 8 -m pxpo.cli run --params params.yaml model.path=runwayml/stable-diffusion-v1-5
-
-Every process samples ``sample.batch_size * sample.num_batches`` images with its
-own seeds; rewards are gathered for the per-prompt statistics; gradients are
-averaged by DDP.
+Several processes (``pxpo run --processes N``: torchrun, gloo on CPU, NCCL on
+GPUs) give the run one process gives, up to float summation order: sample i
+of an epoch has the same prompt and noise for any N, each process rolls out
+and trains on its block, the reward maps are gathered once for the per-prompt
+statistics, and DDP averages the gradients of each global micro-batch
+(:mod:`pxpo.distributed`, docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -39,10 +38,13 @@ from pathlib import Path
 import torch
 
 from .config import Config
+from .errors import PxpoInputError
 from .core.advantages import PerPromptStatTracker, to_latent_grid
-from .core.lcm import lcm_model_output, lcm_step_with_logprob, prev_timesteps
+from .core.lcm import lcm_model_output, lcm_step_with_logprob, prev_timesteps, trained_transitions
 from .core.losses import ddpo_loss, pxpo_loss
 from .core.sampling import step_log_prob
+from .guardrails import DriftProbe, StepGuard, TrainingStopped, rollback
+from .distributed import global_advantages, mean_over_processes, micro_batches, shard
 from .prompts import PromptSource
 from .rollout import label_images, sample_seed, sample_trajectories
 from .tracking import Tracker
@@ -63,35 +65,51 @@ def compute_advantages(
     return tracker.update(prompts, to_latent_grid(maps, latent_hw))
 
 
-def train_on_trajectories(state: TrainState, traj: Trajectories, advantages: torch.Tensor, cfg: Config, epoch: int, *, progress=False) -> dict:
+def train_on_trajectories(
+    state: TrainState, traj: Trajectories, advantages: torch.Tensor, cfg: Config, epoch: int, *, progress=False, guard: StepGuard | None = None
+) -> dict:
     """Inner epochs of policy-gradient updates on stored trajectories.
 
     Args:
-        traj: this process's samples (N of them).
+        traj: this process's samples (N of them): its contiguous block of the epoch's
+            samples (:func:`pxpo.distributed.shard`); with one process, all of them.
         advantages: (N, h, w) PXPO maps or (N,) DDPO scalars.
+        guard: the run's :class:`pxpo.guardrails.StepGuard` (default: a new one
+            from ``cfg.train``). A step with a non-finite loss or gradient is
+            skipped; too many, or a gradient-norm spike, raise
+            :class:`pxpo.guardrails.TrainingStopped`.
 
     Returns:
-        mean diagnostics: loss, approx_kl, clipfrac, ratio, grad_norm, optimizer_steps.
+        mean diagnostics over finite values: loss, approx_kl, clipfrac, ratio,
+        grad_norm; optimizer_steps (applied), skipped_steps.
     """
     from tqdm.auto import tqdm
 
     acc, unet, t = state.accelerator, state.unet, cfg.train
     s = cfg.sample
     device = acc.device
-    n, steps = traj.latents.shape[0], traj.timesteps.shape[0]
+    n = traj.latents.shape[0]
+    steps = trained_transitions(s.sampler, traj.timesteps.shape[0])  # LCM: not the last re-noising
     n_train_t = max(1, int(steps * t.timestep_fraction))
-    g = torch.Generator().manual_seed(cfg.seed * 7_919 + epoch * 104_729 + acc.process_index)
+    # Global order (pxpo.distributed): the same generator on every process; this process trains on its
+    # train.batch_size / N samples of each global micro-batch, and DDP averages the N gradients.
+    world, rank = acc.num_processes, acc.process_index
+    n_global, local_b = n * world, t.batch_size // world
+    g = torch.Generator().manual_seed(cfg.seed * 7_919 + epoch * 104_729)
     neg = traj.negative_prompt_embeds.to(device)
     prev_t = prev_timesteps(traj.timesteps)  # LCM re-noising targets
     logs = {"loss": [], "approx_kl": [], "clipfrac": [], "ratio": [], "grad_norm": []}
+    guard = StepGuard.from_config(t) if guard is None else guard
+    skipped_before, window_finite = guard.skipped, True
+    kw = dict(mode=t.loss, clip_range=t.clip_range, adv_clip_max=t.adv_clip_max, max_log_ratio=t.max_log_ratio)
     unet.train()
-    total = t.inner_epochs * math.ceil(n / t.batch_size) * n_train_t
+    total = t.inner_epochs * math.ceil(n_global / t.batch_size) * n_train_t
     bar = tqdm(total=total, desc=f"train epoch {epoch}", disable=not progress, leave=False)
     for _ in range(t.inner_epochs):
-        perm = torch.randperm(n, generator=g)
-        time_perm = torch.stack([torch.randperm(steps, generator=g) for _ in range(n)])
-        for start in range(0, n, t.batch_size):
-            idx = perm[start : start + t.batch_size]
+        batches = micro_batches(n_global, t.batch_size, g)
+        time_perm = torch.stack([torch.randperm(steps, generator=g) for _ in range(n_global)])[shard(n_global, rank, world)]
+        for global_idx in batches:
+            idx = global_idx[rank * local_b : (rank + 1) * local_b] - rank * n
             cond = traj.prompt_embeds[idx].to(device)
             adv = advantages[idx].to(device)
             for j in range(n_train_t):
@@ -119,26 +137,41 @@ def train_on_trajectories(state: TrainState, traj: Trajectories, advantages: tor
                                 guidance_scale=s.guidance_scale,
                             )
                     if t.algorithm == "ddpo":
-                        res = ddpo_loss(out.log_prob, lp_old, adv, mode=t.loss, clip_range=t.clip_range, adv_clip_max=t.adv_clip_max)
+                        res = ddpo_loss(out.log_prob, lp_old, adv, **kw)
                     else:
-                        res = pxpo_loss(
-                            out.log_prob, lp_old, adv, mode=t.loss, ratio=t.ratio, clip_range=t.clip_range, adv_clip_max=t.adv_clip_max
-                        )
+                        res = pxpo_loss(out.log_prob, lp_old, adv, ratio=t.ratio, **kw)
                     acc.backward(res.loss)
+                    window_finite &= bool(torch.isfinite(res.loss))
                     if acc.sync_gradients:
-                        gn = acc.clip_grad_norm_(state.params, t.max_grad_norm)
-                        logs["grad_norm"].append(float(gn))
-                    state.optimizer.step()
+                        # guardrail: the same decision on every process (gradients are all-reduced)
+                        gn = float(acc.clip_grad_norm_(state.params, t.max_grad_norm))
+                        if acc.num_processes > 1:  # a non-finite loss on any process skips the step on all
+                            window_finite = bool(acc.reduce(torch.tensor(float(window_finite), device=device), "sum") == acc.num_processes)
+                        if getattr(acc, "scaler", None) is not None and window_finite and not math.isfinite(gn):
+                            state.optimizer.step()  # fp16 overflow: GradScaler skips the step and lowers its scale
+                        elif guard.check(gn, window_finite, where=f"training epoch {epoch}"):
+                            state.optimizer.step()
+                            logs["grad_norm"].append(gn)
+                        window_finite = True
                     state.optimizer.zero_grad(set_to_none=True)
-                logs["loss"].append(res.loss.item())
-                logs["approx_kl"].append(res.approx_kl.item())
-                logs["clipfrac"].append(res.clipfrac.item())
-                logs["ratio"].append(res.ratio_mean.item())
+                for k, v in (("loss", res.loss), ("approx_kl", res.approx_kl), ("clipfrac", res.clipfrac), ("ratio", res.ratio_mean)):
+                    if math.isfinite(v.item()):
+                        logs[k].append(v.item())
                 bar.update(1)
     bar.close()
     out = {k: (sum(v) / len(v) if v else float("nan")) for k, v in logs.items()}
     out["optimizer_steps"] = len(logs["grad_norm"])
+    out["skipped_steps"] = guard.skipped - skipped_before
     return out
+
+
+def _select(traj: Trajectories, part: slice) -> Trajectories:
+    """This process's block of a staged epoch's trajectories."""
+    import dataclasses
+
+    per_sample = {f: getattr(traj, f)[part] for f in ("latents", "log_probs", "prompt_embeds", "prompts", "seeds")}
+    images = traj.images[part] if traj.images.shape[0] == len(traj) else traj.images
+    return dataclasses.replace(traj, **per_sample, images=images)
 
 
 def run(
@@ -180,11 +213,11 @@ def run(
     Returns:
         the summary dict (also written to summary.json).
     """
-    from accelerate.utils import gather_object
-
     run_dir = Path(cfg.output_dir)
     acc = state.accelerator
-    stat_tracker = PerPromptStatTracker(cfg.train.buffer_size, cfg.train.min_count, cfg.train.baseline)
+    stat_tracker = PerPromptStatTracker(
+        cfg.train.buffer_size, cfg.train.min_count, cfg.train.baseline, max_bytes=int(cfg.train.tracker_max_mb * 2**20)
+    )
     acc.register_for_checkpointing(stat_tracker)
 
     start_epoch = 0
@@ -201,54 +234,74 @@ def run(
     if acc.is_main_process:
         tracker.truncate(start_epoch)
         tracker.log_params(cfg.to_dict())
+    # guardrails (pxpo.guardrails): step checks for the whole run, drift on a fixed probe batch
+    guard = StepGuard.from_config(cfg.train)
+    probe = DriftProbe.build(cfg, pipe, state, prompts, run_dir, fresh=start_epoch == 0 and init_state is None, previous=init_state)
 
     unet_cfg = acc.unwrap_model(state.unet).config
     size = unet_cfg.sample_size
     latent_hw = (size, size) if isinstance(size, int) else tuple(size)
-    per_proc = cfg.sample.batch_size * cfg.sample.num_batches
+    world, rank = acc.num_processes, acc.process_index
+    n_global = cfg.sample.batch_size * cfg.sample.num_batches  # samples per epoch, over all processes
+    mine = shard(n_global, rank, world)
     total_epochs = cfg.train.epochs if rounds is None else start_epoch + rounds
     end_epoch = total_epochs if stop_after_epochs is None else min(total_epochs, start_epoch + stop_after_epochs)
     for epoch in range(start_epoch, end_epoch):
         if first_batch is not None and epoch == start_epoch:
             # Stage form: this epoch's samples and maps come from the sample / label stages.
             traj, maps = first_batch
+            if len(traj) != n_global:
+                raise PxpoInputError(
+                    "trajectories", f"{len(traj)} samples, but the config's epoch has {n_global}", "sample with the same sample.batch_size and sample.num_batches"
+                )
+            epoch_prompts, local = list(traj.prompts), _select(traj, mine) if world > 1 else traj
             t_sample = t_label = 0.0
         else:
             # ---------------- SAMPLING ----------------
             t0 = time.perf_counter()
-            batch_prompts = prompts.draw(per_proc, sample_seed(cfg.seed, epoch, acc.process_index, 0))
-            seeds = [sample_seed(cfg.seed, epoch, acc.process_index, i) for i in range(per_proc)]
+            # Sample i of the epoch has the prompt and noise of global index i whatever the number of
+            # processes; this process rolls out its block, sample.batch_size / N per UNet batch.
+            epoch_prompts = prompts.draw(n_global, sample_seed(cfg.seed, epoch, 0, 0))
+            seeds = [sample_seed(cfg.seed, epoch, 0, i) for i in range(n_global)]
             pipe.unet = acc.unwrap_model(state.unet)
             with acc.autocast():
-                traj = sample_trajectories(pipe, cfg, batch_prompts, seeds, progress=False)
+                local = sample_trajectories(pipe, cfg, epoch_prompts[mine], seeds[mine], batch_size=cfg.sample.batch_size // world)
             t_sample = time.perf_counter() - t0
 
             # ---------------- LABELLING ----------------
             t0 = time.perf_counter()
-            maps, _ = label_images(labeller, traj.images, traj.prompts, where=f"reward labeller {cfg.reward.name!r}")
+            maps, _ = label_images(labeller, local.images, local.prompts, where=f"reward labeller {cfg.reward.name!r}")
             t_label = time.perf_counter() - t0
 
         # ---------------- ADVANTAGES ----------------
-        all_maps = acc.gather(maps.to(acc.device)).cpu()
-        gathered_prompts = gather_object(list(traj.prompts)) if acc.num_processes > 1 else traj.prompts
-        adv_all = compute_advantages(stat_tracker, gathered_prompts, all_maps, latent_hw, cfg.train.algorithm)
-        adv = adv_all[acc.process_index * per_proc : (acc.process_index + 1) * per_proc]
+        # Every rank holds the epoch's prompts; the maps are gathered once (staged: already all loaded),
+        # and every rank runs the same stat tracker: identical advantages on every rank.
+        def compute(tracker_, prompts_, maps_):
+            return compute_advantages(tracker_, prompts_, maps_, latent_hw, cfg.train.algorithm)
+
+        all_maps, adv_all = global_advantages(acc, stat_tracker, compute, epoch_prompts, maps, gathered=first_batch is not None and epoch == start_epoch)
+        adv = adv_all[mine]
 
         # ---------------- TRAINING ----------------
         t0 = time.perf_counter()
-        train_logs = train_on_trajectories(state, traj, adv, cfg, epoch, progress=progress)
+        try:
+            train_logs = mean_over_processes(acc, train_on_trajectories(state, local, adv, cfg, epoch, progress=progress, guard=guard))
+        except TrainingStopped as err:
+            raise rollback(state, run_dir, tracker, err, init_state) from err
         t_train = time.perf_counter() - t0
 
         scalar = all_maps.mean((1, 2))
         metrics = {
             "reward_mean": scalar.mean().item(),
             "reward_std": scalar.std(unbiased=False).item(),
-            "samples_seen": (epoch + 1) * per_proc * acc.num_processes,
+            "samples_seen": (epoch + 1) * n_global,
             **train_logs,
             "time_sample": t_sample,
             "time_label": t_label,
             "time_train": t_train,
         }
+        if probe is not None and probe.due(epoch):
+            metrics.update(probe.measure(pipe, state, cfg))
         if acc.is_main_process:
             tracker.log_metrics(metrics, step=epoch)
             if progress:
@@ -262,10 +315,10 @@ def run(
             save_checkpoint(state, run_dir, epoch, cfg.train.keep_checkpoints)
 
     summary = {"completed_epochs": end_epoch, "output_dir": str(run_dir)}
-    if acc.is_main_process and end_epoch > start_epoch and traj.images.numel():
+    if acc.is_main_process and end_epoch > start_epoch and local.images.numel():
         from .plots import save_grid
 
-        save_grid(traj.images[:32], run_dir / "samples_last_epoch.png", nrow=8)
+        save_grid(local.images[:32], run_dir / "samples_last_epoch.png", nrow=8)
     if rounds is not None:
         acc.save_state(str(run_dir / "state"))
         if acc.is_main_process:

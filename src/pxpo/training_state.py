@@ -32,11 +32,14 @@ class TrainState:
 def build_train_state(cfg: Config, accelerator=None):
     """Load the pipeline, attach LoRA (or unfreeze the UNet), build the optimizer.
 
-    Returns (pipe, TrainState). Mixed precision: "auto" is fp16 on CUDA and
+    Returns (pipe, TrainState). Under torchrun every process builds the same
+    state (same LoRA init); DDP averages the gradients. Mixed precision: "auto" is fp16 on CUDA and
     none on CPU; frozen VAE / text encoder (and LoRA's base UNet) in that dtype.
     """
     from accelerate import Accelerator
 
+    from .distributed import check_accelerator, check_divisible
+    from .core.lcm import trained_transitions
     from .models import add_lora, load_configured_pipeline, resolve_dtype
 
     t = cfg.train
@@ -44,8 +47,16 @@ def build_train_state(cfg: Config, accelerator=None):
         mp = t.mixed_precision
         if mp == "auto":
             mp = "fp16" if torch.cuda.is_available() else "no"
-        n_train_t = max(1, int(cfg.sample.num_steps * t.timestep_fraction))
-        accelerator = Accelerator(mixed_precision=mp, gradient_accumulation_steps=t.gradient_accumulation_steps * n_train_t)
+        n_train_t = max(1, int(trained_transitions(cfg.sample.sampler, cfg.sample.num_steps) * t.timestep_fraction))
+        # cpu=True on a machine without CUDA: under torchrun (WORLD_SIZE > 1) Accelerate then forms a gloo
+        # group instead of starting N independent runs; on GPUs torchrun's LOCAL_RANK selects NCCL.
+        accelerator = Accelerator(
+            mixed_precision=mp,
+            gradient_accumulation_steps=t.gradient_accumulation_steps * n_train_t,
+            cpu=not torch.cuda.is_available(),
+        )
+    check_accelerator(accelerator)
+    check_divisible(cfg.sample.batch_size, t.batch_size, accelerator.num_processes)
     mp = accelerator.mixed_precision
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mp, torch.float32)
     if cfg.model.dtype != "auto":

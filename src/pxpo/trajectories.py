@@ -200,7 +200,17 @@ def load_trajectories(d: Path, with_images: bool = True) -> Trajectories:
 
 
 def check_reward_maps(maps: torch.Tensor, n: int, hw: tuple[int, int], where: str) -> None:
-    """Raise :class:`PxpoInputError` unless ``maps`` is (n, H, W) and finite."""
+    """Raise :class:`PxpoInputError` unless ``maps`` is a floating-point (n, H, W) tensor, finite.
+
+    Integer or bool maps (e.g. int8) are refused rather than converted: their
+    scale (is 127 a reward of 127 or of 1.0?) is not known here.
+    """
+    if not maps.is_floating_point():
+        raise PxpoInputError(
+            where,
+            f"reward maps are {str(maps.dtype).replace('torch.', '')}, not floating point (rewards are real-valued; an integer map's scale is ambiguous)",
+            "store the maps as float32 (e.g. `maps.float() / 127` for int8 maps quantised from [-1, 1]), or re-run `pxpo label`",
+        )
     if maps.ndim != 3 or maps.shape[0] != n or tuple(maps.shape[1:]) != tuple(hw):
         raise PxpoInputError(
             where,
@@ -234,4 +244,4 @@ def load_reward_maps(d: Path, n: int, hw: tuple[int, int]) -> tuple[torch.Tensor
     except (SafetensorError, OSError, json.JSONDecodeError) as e:
         raise PxpoInputError(str(f), f"unreadable ({e})", "re-run `pxpo label`") from None
     check_reward_maps(maps, n, hw, str(f))
-    return maps, info
+    return maps.float(), info

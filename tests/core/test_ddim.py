@@ -79,14 +79,44 @@ def test_per_sample_timesteps_equal_separate_calls():
         torch.testing.assert_close(batched.log_prob[i : i + 1], one.log_prob)
 
 
-def test_last_step_uses_final_alpha_cumprod():
-    sched = _sched()
+@pytest.mark.parametrize("set_alpha_to_one", [False, True])
+def test_last_step_uses_alphas_cumprod_0(set_alpha_to_one):
+    """Both configs: the last step's abar_prev is alphas_cumprod[0], sigma > 0, log-prob finite."""
+    sched = _sched(set_alpha_to_one=set_alpha_to_one)
     sched.set_timesteps(20)
     t_last = sched.timesteps[-1]  # 1 with leading spacing: prev_t < 0
-    s = ddim_step_with_logprob(sched, torch.zeros(1, 1, 2, 2), t_last, torch.zeros(1, 1, 2, 2), 20, eta=1.0, prev_sample=torch.zeros(1, 1, 2, 2))
-    abar_t, abar_prev = sched.alphas_cumprod[t_last], sched.final_alpha_cumprod
+    g = torch.Generator().manual_seed(0)
+    x, out, z = (torch.randn(2, 4, 4, 4, generator=g) for _ in range(3))
+    s = ddim_step_with_logprob(sched, out, t_last, x, 20, eta=1.0, generator=g)
+    abar_t, abar_prev = sched.alphas_cumprod[t_last], sched.alphas_cumprod[0]
     expected = math.sqrt((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev))
     assert math.isclose(s.std.flatten()[0].item(), expected, rel_tol=1e-5)
+    assert expected > 0 and torch.isfinite(s.log_prob).all()
+    # the mean is diffusers' step with set_alpha_to_one=False, whatever the config says
+    ref_sched = _sched(set_alpha_to_one=False)
+    ref_sched.set_timesteps(20)
+    ref = ref_sched.step(out, t_last, x, eta=1.0, variance_noise=z).prev_sample
+    torch.testing.assert_close(s.mean + s.std * z, ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+@pytest.mark.parametrize("clip", ["clip_sample", "no_clip", "thresholding"])
+def test_mean_matches_diffusers_default_with_clipping(prediction_type, clip):
+    """clip_sample / thresholding change x0_hat only (use_clipped_model_output=False)."""
+    kw = {"clip_sample": clip == "clip_sample", "thresholding": clip == "thresholding"}
+    if clip == "thresholding":
+        kw.update(dynamic_thresholding_ratio=0.9, sample_max_value=1.5)
+    sched = _sched(prediction_type=prediction_type, clip_sample_range=1.0, **kw)
+    sched.set_timesteps(10)
+    g = torch.Generator().manual_seed(3)
+    for t in sched.timesteps:
+        # large outputs so x0_hat leaves [-1, 1] and clipping / thresholding acts
+        x = 3 * torch.randn(2, 4, 8, 8, generator=g)
+        out = 3 * torch.randn(2, 4, 8, 8, generator=g)
+        z = torch.randn(2, 4, 8, 8, generator=g)
+        ref = sched.step(out, t, x, eta=1.0, variance_noise=z).prev_sample
+        mine = ddim_step_with_logprob(sched, out, t, x, 10, eta=1.0, prev_sample=ref)
+        torch.testing.assert_close(mine.mean + mine.std * z, ref, rtol=1e-4, atol=1e-4)
 
 
 def test_gradient_flows_through_mean_only():

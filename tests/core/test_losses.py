@@ -87,3 +87,23 @@ def test_pixel_weighting_pushes_each_location_by_its_advantage():
     pxpo_loss(lp, lp.detach(), adv, mode="sf").loss.backward()
     expected = -adv[:, None].expand(1, 2, 2, 2) / 8
     torch.testing.assert_close(lp.grad, expected)
+
+
+@pytest.mark.parametrize("fn", ["pxpo", "ddpo"])
+def test_far_off_policy_ratio_stays_finite(fn):
+    """A log-ratio of 200 would overflow exp() to inf (and the loss to NaN with A < 0 vs A > 0)."""
+    from pxpo.core.losses import ddpo_loss, pxpo_loss
+
+    logp = torch.zeros(2, 4, 3, 3, requires_grad=True)
+    old = torch.zeros(2, 4, 3, 3)
+    old[0, 0, 0, 0] = -200.0  # ratio exp(200) = inf in float32
+    old[1, 1, 1, 1] = 200.0  # ratio exp(-200) = 0
+    adv = torch.tensor([-1.0, 1.0])
+    if fn == "pxpo":
+        out = pxpo_loss(logp, old, adv[:, None, None].expand(2, 3, 3), mode="ppo", clip_range=0.2, max_log_ratio=20.0)
+    else:
+        old = old * 0 + torch.tensor([-200.0, 200.0]).view(2, 1, 1, 1)
+        out = ddpo_loss(logp, old, adv, mode="ppo", clip_range=0.2, max_log_ratio=20.0)
+    assert torch.isfinite(out.loss) and torch.isfinite(out.ratio_mean)
+    out.loss.backward()
+    assert torch.isfinite(logp.grad).all()

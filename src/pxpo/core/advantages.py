@@ -12,15 +12,23 @@ buffer's:
 * baseline ``"position"`` (default for maps): one mean per position,
   mean over the buffered maps (B', h, w) -> (h, w);
 * baseline ``"scalar"``: one mean over every buffered value;
-* scale: one std over ALL buffered values of the prompt (population std,
-  like numpy's default), so constant maps give exactly DDPO's advantages (I1).
+* scale: one population std of the RESIDUALS r - baseline over all buffered
+  values of the prompt. For the scalar baseline that is the std of the raw
+  values; for the position baseline it leaves out any fixed spatial pattern
+  (e.g. ``mask_region``'s +1 inside / -1 outside), which the baseline removes
+  and which must not shrink the advantages. Constant maps have residuals equal
+  to DDPO's, so they give exactly DDPO's advantages (I1).
 
 A = (r - mean) / (std + 1e-6).
+
+Memory: buffers are float32, and at most ``max_bytes`` of buffered values are
+kept; past that the least recently updated prompts are dropped whole (they
+fall back to batch statistics until they have ``min_count`` entries again).
 """
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Sequence
 
 import torch
@@ -41,9 +49,10 @@ def to_latent_grid(maps: torch.Tensor, latent_hw: tuple[int, int]) -> torch.Tens
 
 
 def _stats(values: torch.Tensor, baseline: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Baseline and scale of values (K, *S): mean (*S) or scalar, std scalar."""
-    std = values.double().std(unbiased=False)
-    mean = values.double().mean(0) if baseline == "position" else values.double().mean()
+    """Baseline and scale of values (K, *S): mean (*S) or scalar; std of the residuals, scalar."""
+    v = values.double()
+    mean = v.mean(0) if baseline == "position" else v.mean()
+    std = (v - mean).pow(2).mean().sqrt()
     return mean, std
 
 
@@ -55,15 +64,37 @@ class PerPromptStatTracker:
         min_count: buffered entries needed before the prompt's own statistics
             replace the batch's.
         baseline: ``"position"`` (per-position mean map) or ``"scalar"``.
+        max_bytes: bound on the buffered values (float32 bytes, all prompts);
+            the least recently updated prompts are dropped past it. None: no bound.
     """
 
-    def __init__(self, buffer_size: int = 32, min_count: int = 16, baseline: str = "position"):
+    def __init__(self, buffer_size: int = 32, min_count: int = 16, baseline: str = "position", max_bytes: int | None = None):
         if baseline not in ("position", "scalar"):
             raise ValueError(f"baseline must be 'position' or 'scalar', got {baseline!r}")
         self.buffer_size = buffer_size
         self.min_count = min_count
         self.baseline = baseline
-        self.buffers: dict[str, deque] = {}
+        self.max_bytes = max_bytes
+        self.buffers: OrderedDict[str, deque] = OrderedDict()
+        self.evicted = 0
+
+    def nbytes(self) -> int:
+        """Bytes of buffered values (float32)."""
+        return sum(len(b) * b[0].numel() * 4 for b in self.buffers.values() if b)
+
+    def _evict(self, keep: set[str]) -> None:
+        """Drop least recently updated prompts (not in ``keep``) until within ``max_bytes``."""
+        if self.max_bytes is None:
+            return
+        total = self.nbytes()
+        for prompt in list(self.buffers):
+            if total <= self.max_bytes:
+                break
+            if prompt in keep:
+                continue
+            b = self.buffers.pop(prompt)
+            total -= len(b) * (b[0].numel() * 4 if b else 0)
+            self.evicted += 1
 
     def update(self, prompts: Sequence[str], rewards: torch.Tensor) -> torch.Tensor:
         """Append ``rewards`` (B, *S) to the prompts' buffers; return advantages (B, *S) float32."""
@@ -75,30 +106,53 @@ class PerPromptStatTracker:
         for prompt in dict.fromkeys(prompts):
             idx = torch.tensor([i for i, p in enumerate(prompts) if p == prompt])
             buf = self.buffers.setdefault(prompt, deque(maxlen=self.buffer_size))
-            buf.extend(rewards[idx].unbind(0))
+            self.buffers.move_to_end(prompt)
+            buf.extend(r.float() for r in rewards[idx].unbind(0))
             if len(buf) < self.min_count:
                 mean, std = batch_mean, batch_std
             else:
                 mean, std = _stats(torch.stack(list(buf)), self.baseline)
             adv[idx] = (rewards[idx] - mean) / (std + EPS)
+        self._evict(set(prompts))
         return adv.float()
 
     def stats(self) -> dict:
         """Number of tracked prompts and mean buffer length (for logging)."""
         lens = [len(b) for b in self.buffers.values()]
-        return {"prompts": len(lens), "mean_buffer": sum(lens) / max(1, len(lens))}
+        return {
+            "prompts": len(lens),
+            "mean_buffer": sum(lens) / max(1, len(lens)),
+            "tracker_mb": self.nbytes() / 2**20,
+            "evicted_prompts": self.evicted,
+        }
 
     def state_dict(self) -> dict:
-        """Picklable state (buffers as lists of tensors) for checkpoints."""
+        """Picklable state for checkpoints: prompts in LRU order, their buffer
+        lengths, and ONE float32 tensor (sum of lengths, *S) of all values."""
+        prompts = [k for k, v in self.buffers.items() if v]
+        values = [t for k in prompts for t in self.buffers[k]]
         return {
             "buffer_size": self.buffer_size,
             "min_count": self.min_count,
             "baseline": self.baseline,
-            "buffers": {k: [t.clone() for t in v] for k, v in self.buffers.items()},
+            "max_bytes": self.max_bytes,
+            "evicted": self.evicted,
+            "prompts": prompts,
+            "lengths": [len(self.buffers[k]) for k in prompts],
+            "values": torch.stack(values).float() if values else torch.zeros(0),
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.buffer_size = state["buffer_size"]
         self.min_count = state["min_count"]
         self.baseline = state["baseline"]
-        self.buffers = {k: deque(v, maxlen=self.buffer_size) for k, v in state["buffers"].items()}
+        self.max_bytes = state.get("max_bytes", self.max_bytes)
+        self.evicted = state.get("evicted", 0)
+        self.buffers = OrderedDict()
+        if "buffers" in state:  # checkpoints written before the packed format
+            for k, v in state["buffers"].items():
+                self.buffers[k] = deque((t.float() for t in v), maxlen=self.buffer_size)
+            return
+        chunks = state["values"].float().split(state["lengths"]) if state["prompts"] else []
+        for k, chunk in zip(state["prompts"], chunks):
+            self.buffers[k] = deque(chunk.unbind(0), maxlen=self.buffer_size)

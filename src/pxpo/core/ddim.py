@@ -7,17 +7,27 @@ arXiv 2010.02502 eq. 12 and 16). Symbols:
 code               paper
 =================  ==========================================================
 ``abar_t``         alpha-bar_t = alphas_cumprod[t]
-``abar_prev``      alpha-bar at prev_t = t - 1000/T (final_alpha_cumprod if < 0)
+``abar_prev``      alpha-bar at prev_t = t - 1000/T; alphas_cumprod[0] if prev_t < 0
 ``x0_hat``         predicted clean sample (epsilon, v or sample prediction)
 ``std``            sigma_t = eta * sqrt((1-abar_prev)/(1-abar_t) * (1-abar_t/abar_prev))
 ``mean``           mu = sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev - sigma_t^2) eps
 ``log_prob``       log N(x_{t-1}; mu, sigma_t^2 I), one value PER ELEMENT
 =================  ==========================================================
 
-The mean reproduces :meth:`diffusers.DDIMScheduler.step` exactly (tests pin it);
-unlike it, this function also returns the element-wise log-density of the
-action, and accepts a different timestep for each sample of the batch
-(training permutes timesteps per sample).
+The mean reproduces :meth:`diffusers.DDIMScheduler.step` with its default
+``use_clipped_model_output=False`` exactly, with ``clip_sample`` and
+``thresholding`` on or off (tests pin it): clipping or thresholding changes
+x0_hat only, eps stays the model's. Unlike it, this function also returns
+the element-wise log-density of the action, and accepts a different timestep
+for each sample of the batch (training permutes timesteps per sample).
+
+The last step (prev_t < 0) uses abar_prev = alphas_cumprod[0], as
+ddpo-pytorch and ``set_alpha_to_one: false`` do. With ``set_alpha_to_one:
+true`` (DDIMScheduler's default when a config lacks the key) diffusers uses
+1.0, which makes sigma = 0 and the log-prob undefined (NaN); pxpo uses
+alphas_cumprod[0] for both configs, so the last transition stays a Gaussian
+with sigma > 0 (its mean then equals diffusers' step with
+``set_alpha_to_one: false``).
 """
 
 from __future__ import annotations
@@ -55,10 +65,25 @@ def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) ->
 
 
 def _abar(scheduler, t: torch.Tensor) -> torch.Tensor:
-    """alphas_cumprod at integer timesteps t (any shape); final_alpha_cumprod where t < 0."""
+    """alphas_cumprod at integer timesteps t (any shape); alphas_cumprod[0] where t < 0.
+
+    Not ``final_alpha_cumprod``: with ``set_alpha_to_one`` that is 1.0, and the
+    last step's sigma would be 0 (module docstring).
+    """
     ac = scheduler.alphas_cumprod.to(t.device)
-    final = torch.as_tensor(float(scheduler.final_alpha_cumprod), dtype=ac.dtype, device=t.device)
-    return torch.where(t >= 0, ac[t.clamp(min=0)], final)
+    return torch.where(t >= 0, ac[t.clamp(min=0)], ac[0])
+
+
+def dynamic_threshold(x0: torch.Tensor, ratio: float, max_value: float) -> torch.Tensor:
+    """Imagen's dynamic thresholding of x0_hat (B, C, h, w), as DDIMScheduler's ``thresholding``.
+
+    s = clamp(quantile(|x0| per sample, ratio), 1, max_value); x0 -> clamp(x0, -s, s) / s.
+    """
+    b = x0.shape[0]
+    flat = x0.reshape(b, -1)
+    s = torch.quantile(flat.abs().double(), ratio, dim=1).to(x0.dtype)
+    s = s.clamp(min=1, max=max_value).view((b,) + (1,) * (x0.ndim - 1))
+    return torch.maximum(torch.minimum(x0, s), -s) / s
 
 
 def batch_randn(shape: tuple[int, ...], generator=None) -> torch.Tensor:
@@ -142,10 +167,13 @@ def ddim_step_with_logprob(
             f"unsupported prediction type {cfg.prediction_type!r}",
             "use a model trained with epsilon, v_prediction or sample prediction",
         )
-    if getattr(cfg, "clip_sample", False):
+    # Clip or threshold x0_hat only; eps stays the model's (diffusers' default
+    # use_clipped_model_output=False, and ddpo-pytorch's).
+    if getattr(cfg, "thresholding", False):
+        x0 = dynamic_threshold(x0, cfg.dynamic_thresholding_ratio, cfg.sample_max_value)
+    elif getattr(cfg, "clip_sample", False):
         r = cfg.clip_sample_range
         x0 = x0.clamp(-r, r)
-        eps = (x - abar_t.sqrt() * x0) / (1 - abar_t).sqrt()
 
     variance = (1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)
     std = eta * variance.clamp(min=0).sqrt()

@@ -16,9 +16,12 @@ code               paper
 prev_t is the next timestep of the schedule; for the LAST step it is < 0 and
 abar_prev is the scheduler's final_alpha_cumprod, or alphas_cumprod[0] when
 that is 1 (``set_alpha_to_one``), so every one of the n actions has a
-log-prob (pxpo's choice: the horizon is n). The reward is computed on the image
-decoded from the last ``denoised`` (f_theta output), not on the last noised
-sample. :func:`lcm_step_with_logprob`'s ``denoised`` equals
+log-prob. The reward is computed on the image decoded from the last
+``denoised`` (f_theta output), not on the last noised sample, so the last
+action (pure re-noising with std sqrt(1 - alphas_cumprod[0]) ~ 0.03) does not
+influence the reward: its per-element log-prob only adds variance (its score
+is ~1/0.03 times larger than the others'). The loss leaves it out
+(:func:`trained_transitions`); the policy's horizon for training is n - 1. :func:`lcm_step_with_logprob`'s ``denoised`` equals
 :meth:`diffusers.LCMScheduler.step`'s (tests pin it).
 """
 
@@ -59,6 +62,26 @@ def final_abar(scheduler) -> float:
     """abar after the last step: final_alpha_cumprod, or alphas_cumprod[0] if that is 1 (std must be > 0)."""
     f = float(scheduler.final_alpha_cumprod)
     return float(scheduler.alphas_cumprod[0]) if f >= 1.0 else f
+
+
+def trained_transitions(sampler: str, num_steps: int) -> int:
+    """How many of a trajectory's transitions the loss trains on: the first ones.
+
+    DDIM: all T. LCM: the first n - 1; the last re-noising comes after the
+    f_theta output that is rewarded (module docstring). One-step LCM has no
+    trainable transition and is refused.
+    """
+    if sampler != "lcm":
+        return num_steps
+    if num_steps < 2:
+        from ..errors import PxpoInputError
+
+        raise PxpoInputError(
+            "sample.num_steps",
+            "one-step consistency sampling has no action before the rewarded f_theta output, so nothing to train",
+            "use sample.num_steps between 2 and 8 with sample.sampler=lcm",
+        )
+    return num_steps - 1
 
 
 def lcm_step_with_logprob(
@@ -134,7 +157,7 @@ def lcm_model_output(unet, x, t, cond, uncond, guidance_scale: float):
     """
     from .sampling import guided_model_output
 
-    dim = getattr(unet.config, "time_cond_proj_dim", None)
+    dim = getattr(getattr(unet, "module", unet).config, "time_cond_proj_dim", None)  # a DDP-wrapped UNet has .module
     if dim:
         b = x.shape[0]
         t = torch.as_tensor(t, device=x.device)

@@ -7,6 +7,11 @@ ALGORITHMS.md sections 1 and 2. Both come in two forms:
   ratio = exp(logp - logp_old);
   loss = mean(max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)))
 
+The log-ratio logp - logp_old is clamped to [-max_log_ratio, max_log_ratio]
+before exp(): far off-policy a per-element ratio would overflow to inf and the
+loss to NaN. Beyond the bound the element's ratio is constant (no gradient);
+with PPO's clip range (<< 1) such elements are clipped anyway.
+
 Advantages are clipped to [-adv_clip_max, adv_clip_max] first. PXPO weights
 each latent element's log-prob by the advantage at its location and reduces
 with a MEAN over (C, h, w), so a constant map reproduces DDPO exactly (I1).
@@ -36,10 +41,13 @@ class LossOutput:
     ratio_mean: torch.Tensor
 
 
-def _policy_loss(logp, logp_old, adv, mode: str, clip_range: float) -> LossOutput:
+MAX_LOG_RATIO = 20.0
+
+
+def _policy_loss(logp, logp_old, adv, mode: str, clip_range: float, max_log_ratio: float = MAX_LOG_RATIO) -> LossOutput:
     """Shared SF / PPO loss on tensors of one shape (already broadcast)."""
     diff = logp - logp_old.detach()
-    ratio = torch.exp(diff)
+    ratio = torch.exp(diff.clamp(-max_log_ratio, max_log_ratio))
     if mode == "sf":
         per = -adv * logp
     elif mode == "ppo":
@@ -63,6 +71,7 @@ def ddpo_loss(
     mode: str = "ppo",
     clip_range: float = 1e-4,
     adv_clip_max: float = 5.0,
+    max_log_ratio: float = MAX_LOG_RATIO,
 ) -> LossOutput:
     """DDPO loss on per-sample log-probs.
 
@@ -76,7 +85,7 @@ def ddpo_loss(
         log_prob = log_prob.flatten(1).mean(1)
         old_log_prob = old_log_prob.flatten(1).mean(1)
     adv = advantages.to(log_prob.dtype).clamp(-adv_clip_max, adv_clip_max)
-    return _policy_loss(log_prob, old_log_prob, adv, mode, clip_range)
+    return _policy_loss(log_prob, old_log_prob, adv, mode, clip_range, max_log_ratio)
 
 
 def pxpo_loss(
@@ -88,6 +97,7 @@ def pxpo_loss(
     ratio: str = "element",
     clip_range: float = 1e-4,
     adv_clip_max: float = 5.0,
+    max_log_ratio: float = MAX_LOG_RATIO,
 ) -> LossOutput:
     """PXPO loss: each element's log-prob weighted by the advantage at its location.
 
@@ -108,12 +118,12 @@ def pxpo_loss(
         adv = advantages
     adv = adv.to(log_prob.dtype).clamp(-adv_clip_max, adv_clip_max).expand_as(log_prob)
     if ratio == "element" or mode == "sf":
-        return _policy_loss(log_prob, old_log_prob, adv, mode, clip_range)
+        return _policy_loss(log_prob, old_log_prob, adv, mode, clip_range, max_log_ratio)
     if ratio != "mean":
         raise ValueError(f"ratio must be 'element' or 'mean', got {ratio!r}")
     # Ratio from the mean log-prob (one per sample), advantage per element:
     # loss = mean over (B, C, h, w) of max(-A_el r_b, -A_el clip(r_b)).
     lp = log_prob.flatten(1).mean(1).view(-1, 1, 1, 1).expand_as(log_prob)
     lp_old = old_log_prob.flatten(1).mean(1).view(-1, 1, 1, 1).expand_as(log_prob)
-    out = _policy_loss(lp, lp_old, adv, mode, clip_range)
+    out = _policy_loss(lp, lp_old, adv, mode, clip_range, max_log_ratio)
     return out

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import time
+import warnings
 from pathlib import Path
 
 import yaml
@@ -59,16 +61,25 @@ def pipeline_arguments(cfg, *, prompts_uri: str, model_ref: str, mlflow_tracking
     return {**args, "prompts_uri": prompts_uri, "model_ref": model_ref, "mlflow_tracking_uri": mlflow_tracking_uri}
 
 
-def run_local(cfg, *, prompts_uri: str, model_ref: str, workdir: Path, mlflow_tracking_uri: str, options: dict | None = None) -> dict:
+def run_local(
+    cfg, *, prompts_uri: str, model_ref: str, workdir: Path, mlflow_tracking_uri: str, options: dict | None = None, verbose: bool = False
+) -> dict:
     """Run the whole DAG on this machine with ``kfp.local`` (SubprocessRunner, this environment).
 
     The sample/train/evaluate tasks run on the CPU here; their GPU requests,
-    secrets and retries apply on a cluster only. Returns the register decision
-    plus timings.
+    secrets and retries apply on a cluster only. Unless ``verbose``, the
+    terminal gets one line per task and each task's full log (kfp's executor
+    input included) goes to ``<workdir>/logs/<time>/<task>.log``
+    (:mod:`pxpo.kubeflow.local_progress`). Returns the register decision plus
+    timings and ``log_dir``.
     """
+    import sys
+
     from kfp import local
 
     from pipelines.pxpo_pipeline import build_pipeline
+
+    from .local_progress import TaskProgress, count_tasks
 
     workdir.mkdir(parents=True, exist_ok=True)
     local.init(
@@ -79,14 +90,55 @@ def run_local(cfg, *, prompts_uri: str, model_ref: str, workdir: Path, mlflow_tr
     )
     # kfp.local honours retries (sleeping through the backoff); a local failure is not a preempted node.
     pipe = build_pipeline(options_from(cfg, {**(options or {}), "gpu": False, "retries": 0}))
+    arguments = pipeline_arguments(cfg, prompts_uri=prompts_uri, model_ref=model_ref, mlflow_tracking_uri=mlflow_tracking_uri)
     t0 = time.perf_counter()
-    task = pipe(**pipeline_arguments(cfg, prompts_uri=prompts_uri, model_ref=model_ref, mlflow_tracking_uri=mlflow_tracking_uri))
+    log_dir = None
+    if verbose:
+        task = pipe(**arguments)
+    else:
+        log_dir = workdir / "logs" / time.strftime("%Y%m%d-%H%M%S")
+        progress = TaskProgress(log_dir, count_tasks(pipe), out=sys.stdout)
+        print(f"running the pipeline with kfp.local; each task's full log: {log_dir}/<task>.log (--verbose shows them here)", flush=True)
+        real_stdout, sys.stdout = sys.stdout, progress
+        # kfp.local logs cache hits ("Task x cache hit") outside its own logging context: route them too
+        root, hit_handler = logging.getLogger(), logging.StreamHandler(progress)
+        level, _ = root.level, root.addHandler(hit_handler)
+        root.setLevel(logging.INFO)
+        try:
+            with warnings.catch_warnings():
+                # kfp.local's notes that cluster-only settings (display names, resource requests, the
+                # task image) do not apply to a local subprocess: true of every local run, nothing to act on
+                warnings.filterwarnings("ignore", message=r".*have no effect in the current local runner")
+                warnings.filterwarnings("ignore", message=r".*non-Python base image")
+                task = pipe(**arguments)
+        except RuntimeError as e:  # kfp.local: "Task 'x' finished with status FAILURE"
+            raise PxpoTaskFailed(str(e), progress.failed, log_dir) from None
+        finally:
+            sys.stdout = real_stdout
+            root.removeHandler(hit_handler)
+            root.setLevel(level)
+            progress.close()
     wall = time.perf_counter() - t0
     decision = getattr(task, "output", task)  # the pipeline's output: register's decision artifact
     result = json.loads(Path(decision.path).read_text())
     result["wall_seconds"] = wall
     result["pipeline_root"] = str(workdir / "kfp_outputs")
+    result["log_dir"] = str(log_dir) if log_dir else None
+    if log_dir:  # the register decision and timings (--verbose prints them)
+        (log_dir / "result.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    else:
+        print(json.dumps(result, indent=2, default=str))
     return result
+
+
+class PxpoTaskFailed(PxpoInputError):
+    """A local pipeline task failed: the CLI prints the task, its log file and exits 1."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, tasks: list[str], log_dir: Path):
+        logs = ", ".join(str(Path(log_dir) / f"{t}.log") for t in tasks) or str(log_dir)
+        super().__init__("pxpo pipeline run --local", message, f"read the task's full log ({logs}), fix the cause and run again (finished tasks come from the cache)")
 
 
 def _declared_inputs(package: Path) -> set[str]:

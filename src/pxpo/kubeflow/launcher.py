@@ -51,6 +51,9 @@ PIPELINE_SECTIONS: tuple[str, ...] = tuple(
 )
 
 TAIL_BYTES = 4000  # of the child's stderr, repeated in the task's error message
+# After a stage succeeds, its last line of stdout (its summary) is repeated after this marker, so a
+# reader of the task's log (``pxpo pipeline run --local``'s one line per task) finds it.
+SUMMARY_PREFIX = "pxpo summary: "
 
 
 def param_name(section: str) -> str:
@@ -132,9 +135,10 @@ def run_command(cmd: Sequence[str], *, env: Mapping[str, str] | None = None, wha
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
     tail: deque = deque(maxlen=TAIL_BYTES)
+    out_tail: deque = deque(maxlen=TAIL_BYTES)
     proc = subprocess.Popen(list(cmd), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=child_env)
     pumps = [
-        threading.Thread(target=_pump, args=(proc.stdout, sys.stdout, None), daemon=True),
+        threading.Thread(target=_pump, args=(proc.stdout, sys.stdout, out_tail), daemon=True),
         threading.Thread(target=_pump, args=(proc.stderr, sys.stderr, tail), daemon=True),
     ]
     for t in pumps:
@@ -162,6 +166,9 @@ def run_command(cmd: Sequence[str], *, env: Mapping[str, str] | None = None, wha
             how = f"failed with exit code {code}"
         last = bytes(tail).decode("utf-8", errors="replace").strip()
         raise RuntimeError(f"{what} {how}" + (f"; its last output:\n{last}" if last else " (see its output above)"))
+    lines = [ln.strip() for ln in bytes(out_tail).decode("utf-8", errors="replace").splitlines() if ln.strip()]
+    if lines:
+        print(SUMMARY_PREFIX + lines[-1], flush=True)
 
 
 def run_stage(

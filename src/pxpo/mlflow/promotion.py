@@ -7,7 +7,11 @@ Gate (all must hold to promote):
 * the policy beats its own base model on held-out prompts by more than
   ``register.min_gain`` (``reward_gain`` of the evaluation);
 * it beats the current champion's ``register.primary_metric`` by more than
-  ``register.margin`` (or there is no champion yet).
+  ``register.margin`` (or there is no champion yet);
+* its drift from the base model (``drift_pixel_l1`` of the evaluation) is at
+  most ``register.max_drift``, when that is set (a reward-hacking alarm:
+  a policy that maximises the proxy by leaving the base model's images far
+  behind is not promoted).
 
 Idempotent: the model version is keyed by a hash of the policy weights and
 the evaluation, so re-running the stage reuses the version and repeats the
@@ -91,6 +95,10 @@ def _gate_and_register(cfg, *, policy_dir, eval_dir, tracking_uri, validation_re
         raise PxpoInputError("register.primary_metric", f"{r.primary_metric!r} is not in {metrics_file}", f"use one of {sorted(k for k, v in metrics.items() if isinstance(v, (int, float)))}")
     passed, failed = read_validation_reports(validation_reports)
     gain_ok = metrics.get("reward_gain", 0.0) > r.min_gain
+    drift = metrics.get("drift_pixel_l1")
+    if r.max_drift is not None and drift is None:
+        raise PxpoInputError(str(metrics_file), "no drift_pixel_l1, which register.max_drift needs", "re-run `pxpo evaluate` (it reports drift), or unset register.max_drift")
+    drift_ok = r.max_drift is None or drift <= r.max_drift
 
     tracker = MlflowTracker(experiment=r.experiment, tracking_uri=tracking_uri)
     with tracker.start(run_name="pxpo-register"):
@@ -127,13 +135,15 @@ def _gate_and_register(cfg, *, policy_dir, eval_dir, tracking_uri, validation_re
             primary_metric=r.primary_metric,
             higher_is_better=r.higher_is_better,
             margin=r.margin,
-            validations_passed=passed and gain_ok,
+            validations_passed=passed and gain_ok and drift_ok,
             source_hash=source_hash(Path(policy_dir), Path(eval_dir)),
         )
     if not passed:
         decision["reason"] = f"validation failed: {', '.join(failed)}; " + decision["reason"]
     elif not gain_ok:
         decision["reason"] = f"reward_gain {metrics.get('reward_gain', 0.0):.4f} <= min_gain {r.min_gain}; " + decision["reason"]
+    elif not drift_ok:
+        decision["reason"] = f"drift_pixel_l1 {drift:.4f} > register.max_drift {r.max_drift}; " + decision["reason"]
     decision.update(model_name=r.model_name, model_uri=model_uri, tracking_uri=tracking_uri, run_id=tracker.run_id)
     if out is not None:
         write_json(Path(out), decision)

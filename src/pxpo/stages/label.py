@@ -5,7 +5,10 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import torch
+
 from ..config import Config
+from ..errors import PxpoInputError
 from . import report_path
 
 
@@ -23,25 +26,55 @@ def label(cfg: Config, trajectories: Path, *, out: Path | None = None, validate:
     """
     from ..core.rewards import make_labeller
     from ..rollout import label_images
-    from ..storage import atomic_dir
-    from ..trajectories import MAPS, load_trajectories, save_reward_maps
+    from ..trajectories import load_trajectories
 
     d = Path(trajectories)
     traj = load_trajectories(d)
     labeller = make_labeller(cfg.reward.name, **cfg.reward.kwargs)
     maps, info = label_images(labeller, traj.images, traj.prompts, where=f"reward labeller {cfg.reward.name!r} on {d}")
+    write_maps(d, maps, info={"labeller": cfg.reward.name, "kwargs": cfg.reward.kwargs, **info}, out=out, validate=validate, report=report)
     target = Path(out) if out else d
+    return {"num_samples": len(traj), "reward_mean": maps.mean().item(), "labeller": cfg.reward.name, "out": str(target)}
+
+
+def write_maps(d: Path, maps, info: dict, *, out: Path | None, validate: bool, report: str | Path | None, keep: list[int] | None = None) -> Path:
+    """Write ``maps`` for the trajectories in ``d``: beside them, or into a labelled copy at ``out``.
+
+    The one write path of ``pxpo label`` and ``pxpo label-studio pull`` (same checks, same
+    validation). ``keep`` (sample indices, with ``out`` only) writes a copy holding just those
+    samples, in that order; ``maps`` then has one map per kept sample.
+    """
+    from ..storage import atomic_dir
+    from ..trajectories import MAPS, check_reward_maps, load_trajectories, save_reward_maps, save_trajectories
+
+    d = Path(d)
+    target = Path(out) if out else d
+    check_reward_maps(maps, maps.shape[0], tuple(maps.shape[1:]), str(target / MAPS))
     if validate:
         from ..validation import check, validate_reward_maps
 
         h, w = maps.shape[1:]
-        result = validate_reward_maps(maps, num_samples=len(traj), height=h, width=w)
+        result = validate_reward_maps(maps, num_samples=maps.shape[0], height=h, width=w)
         check(result, report_path(report, target / "reward_maps"))
-    info = {"labeller": cfg.reward.name, "kwargs": cfg.reward.kwargs, **info}
-    if out:
+    if keep is not None:
+        if not out:
+            raise PxpoInputError("--out", "dropping samples needs a separate output", "pass --out DIR (the input is never changed)")
+        from dataclasses import replace
+
+        traj = load_trajectories(d)
+        idx = torch.as_tensor(keep, dtype=torch.long)
+        sub = replace(
+            traj, latents=traj.latents[idx], log_probs=traj.log_probs[idx], prompt_embeds=traj.prompt_embeds[idx],
+            prompts=[traj.prompts[i] for i in keep], seeds=[traj.seeds[i] for i in keep], images=traj.images[idx],
+            meta={**traj.meta, "source_indices": list(keep)},
+        )
+        with atomic_dir(target) as tmp:
+            save_trajectories(sub, tmp)
+            save_reward_maps(tmp, maps, info)
+    elif out:
         with atomic_dir(target) as tmp:
             shutil.copytree(d, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(MAPS, "*.validation.json"))
             save_reward_maps(tmp, maps, info)
     else:
         save_reward_maps(d, maps, info)
-    return {"num_samples": len(traj), "reward_mean": maps.mean().item(), "labeller": cfg.reward.name, "out": str(target)}
+    return target

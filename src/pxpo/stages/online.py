@@ -1,4 +1,4 @@
-"""``pxpo run``: the online loop in one process, its collaborators built from the config."""
+"""``pxpo run``: the online loop, its collaborators built from the config; ``--processes N`` launches N."""
 
 from __future__ import annotations
 
@@ -15,9 +15,11 @@ def loop_collaborators(cfg: Config) -> dict:
     prompt file fails before the model loads.
     """
     from ..core.rewards import make_labeller
+    from ..distributed import check_launch
     from ..prompts import PromptSource
     from ..training_state import build_train_state
 
+    check_launch()  # a world size > 1 without a process group: exit 2 before anything is loaded or written
     labeller = make_labeller(cfg.reward.name, **cfg.reward.kwargs)
     prompts = PromptSource.load(cfg.prompts.source)
     pipe, state = build_train_state(cfg)
@@ -31,7 +33,36 @@ def run_online(cfg: Config, tracker: Tracker | None = None, **loop_kwargs) -> di
     ``<output_dir>/metrics.jsonl``; ``loop_kwargs`` go to :func:`pxpo.train.run`
     (``progress``, ``resume``, ``stop_after_epochs``, ...). Returns the summary.
     """
+    from ..distributed import check_launch
     from ..train import run
 
+    check_launch()
     tracker = tracker if tracker is not None else JsonlTracker(Path(cfg.output_dir))
     return run(cfg, tracker=tracker, **loop_collaborators(cfg), **loop_kwargs)
+
+
+def launch(cfg: Config, processes: int, args) -> int:
+    """``pxpo run --processes N``: the same ``pxpo run`` (parsed ``args``) as N data-parallel processes on this node.
+
+    torchrun (``python -m torch.distributed.run --standalone``, or the
+    multi-node rendezvous of ``PET_*`` variables) starts the workers; each
+    builds its Accelerator from torchrun's environment (gloo on CPU, NCCL on
+    GPUs). The config is checked here first, so a batch that does not split
+    over N exits with status 2 before any process starts. Replaces this process
+    (its exit status is torchrun's).
+    """
+    import os
+
+    from ..distributed import check_divisible, env_world_size, torchrun_argv, worker_env
+    from ..errors import PxpoInputError
+
+    if processes < 1:
+        raise PxpoInputError(f"--processes {processes}", "must be >= 1", "pass the number of processes per node, e.g. --processes 2")
+    if env_world_size() > 1:
+        raise PxpoInputError("--processes", f"this is already one of {env_world_size()} launched processes", "drop --processes when launching with torchrun")
+    check_divisible(cfg.sample.batch_size, cfg.train.batch_size, processes)
+    argv = ["run", *(["--params", args.params] if args.params else []), *(["--quiet"] if args.quiet else [])]
+    argv += [*(["--no-resume"] if args.no_resume else []), *(["--sections", args.sections] if args.sections else [])]
+    cmd = torchrun_argv(processes, [*argv, "--", *args.overrides])
+    os.execve(cmd[0], cmd, worker_env())
+    return 0  # not reached

@@ -39,12 +39,14 @@ def train(cfg: Config, trajectories: Path, out: Path, *, state: Path | None = No
     per-epoch metrics as CSV (DVC plots). Returns the summary plus
     ``history`` (the per-epoch metrics) and ``rounds``.
     """
-    from ..storage import atomic_dir, atomic_file
+    from ..distributed import check_launch, shared_atomic_dir
+    from ..storage import atomic_file
     from ..tracking import JsonlTracker
     from ..train import run
     from ..trajectories import load_reward_maps, load_trajectories
     from .online import loop_collaborators
 
+    check_launch()
     d = Path(trajectories)
     traj = load_trajectories(d, with_images=False)
     maps, _ = load_reward_maps(d, len(traj), tuple(traj.meta["image_shape"][1:]))
@@ -52,12 +54,16 @@ def train(cfg: Config, trajectories: Path, out: Path, *, state: Path | None = No
     if state and not (Path(state) / "pxpo_round.json").is_file():
         raise PxpoInputError(str(state), "not a trainer state directory (no pxpo_round.json)", "pass the --out of a previous `pxpo train`")
     rounds = rounds if rounds is not None else cfg.train.epochs
-    with atomic_dir(Path(out)) as tmp:
+    collaborators = loop_collaborators(cfg)
+    acc = collaborators["state"].accelerator
+    # Under torchrun every process writes into one temporary directory (checkpoint state: each rank's
+    # RNG file; metrics, policy: the main process only), renamed into place by the main process.
+    with shared_atomic_dir(Path(out), acc) as tmp:
         cfg.output_dir = str(tmp)
         summary = run(
             cfg,
             tracker=JsonlTracker(tmp),
-            **loop_collaborators(cfg),
+            **collaborators,
             progress=progress,
             resume=False,
             first_batch=(traj, maps),
@@ -65,7 +71,7 @@ def train(cfg: Config, trajectories: Path, out: Path, *, state: Path | None = No
             rounds=rounds,
         )
     hist = [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines() if x]
-    if history:
+    if history and acc.is_main_process:
         with atomic_file(Path(history)) as f:
             w = csv.DictWriter(f, fieldnames=HISTORY_COLUMNS, extrasaction="ignore")
             w.writeheader()

@@ -1,0 +1,75 @@
+"""Formula labellers: constant maps and target luminance layouts."""
+
+from typing import Any, Sequence
+
+import torch
+
+from pxpo.errors import PxpoInputError
+
+from .common import _finite_float, _MaskSpec, _per_image_mean, _unit_float, luminance
+from .registry import LabelFn, register
+
+
+@register("constant")
+def constant(value: float = 1.0) -> LabelFn:
+    """Constant map: every pixel gets ``value``. ``(B, 3, H, W) -> (B, H, W)``, range ``{value}``."""
+    v = _finite_float(value, "reward.kwargs.value")
+
+    def fn(images: torch.Tensor, prompts: Sequence[str]) -> tuple[torch.Tensor, dict]:
+        b, _, h, w = images.shape
+        maps = torch.full((b, h, w), v, dtype=torch.float32, device=images.device)
+        return maps, {"scalar": [v] * b}
+
+    return fn
+
+
+_LAYOUTS = {
+    "left_bright": "left",
+    "right_bright": "right",
+    "top_bright": "top",
+    "bottom_bright": "bottom",
+    "center_bright": "center",
+    "all_bright": "all",
+    "all_dark": None,
+}
+
+
+@register("brightness_target")
+def brightness_target(layout: Any = "left_bright", low: float = 0.0, high: float = 1.0) -> LabelFn:
+    """Target luminance per region: reward ``1 - |lum - target|`` per pixel.
+
+    ``layout`` is one of ``left_bright``, ``right_bright``, ``top_bright``,
+    ``bottom_bright``, ``center_bright`` (target ``high`` in the named region,
+    ``low`` elsewhere), ``all_bright``, ``all_dark``; or a 2-D nested list /
+    array of targets in ``[0, 1]`` of any size, resized bilinearly
+    (``align_corners=False``) to ``H x W`` (``low``/``high`` are then unused).
+
+    Shapes: ``(B, 3, H, W) -> (B, H, W)``; range ``[0, 1]``, 1 on a perfect match.
+    """
+    lo = _unit_float(low, "reward.kwargs.low")
+    hi = _unit_float(high, "reward.kwargs.high")
+    if isinstance(layout, str):
+        if layout not in _LAYOUTS:
+            raise PxpoInputError(
+                "reward.kwargs.layout",
+                f"unknown layout {layout!r}",
+                f"use one of: {', '.join(_LAYOUTS)}, or a 2-D list of target values in [0, 1]",
+            )
+        region = _LAYOUTS[layout]
+        spec = _MaskSpec(region if region is not None else "all", "reward.kwargs.layout", "bilinear")
+        scale = (hi - lo) if region is not None else 0.0
+
+        def target(h: int, w: int, device: Any) -> torch.Tensor:
+            return lo + scale * spec(h, w, device)
+
+    else:
+        grid_spec = _MaskSpec(layout, "reward.kwargs.layout", "bilinear", 0.0, 1.0)
+        target = grid_spec
+
+    def fn(images: torch.Tensor, prompts: Sequence[str]) -> tuple[torch.Tensor, dict]:
+        _, _, h, w = images.shape
+        t = target(h, w, images.device)
+        maps = 1.0 - (luminance(images).float() - t[None]).abs()
+        return maps, {"mean": _per_image_mean(maps)}
+
+    return fn
