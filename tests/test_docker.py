@@ -267,3 +267,13 @@ def test_cpu_image_builds_and_runs_pxpo():
     r = subprocess.run(["bash", str(DOCKER / "build-check.sh")], cwd=ROOT, capture_output=True, text=True, timeout=3600)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     assert f"version='pxpo {pxpo.__version__}'" in r.stdout and "usage: pxpo" in r.stdout
+
+
+def test_images_install_the_label_studio_codec_at_the_pinned_version():
+    """push/pull components run in these images: they need label-studio-sdk's brush codec, pinned as for .venv."""
+    import re
+
+    pin = re.search(r"^# pxpo-nodeps: (\S+)", (ROOT / "requirements-labelstudio.txt").read_text(), re.M).group(1)
+    for name in ("Dockerfile.cpu", "Dockerfile.cuda"):
+        text = (ROOT / "docker" / name).read_text()
+        assert f"pip install --no-cache-dir --no-deps {pin}" in text, f"docker/{name} must install {pin} without its deps"
