@@ -7,7 +7,7 @@ per pixel: the stroke's coverage, 255 where painted; the browser test checks thi
 same rectangles, independently of pxpo's conversion code.
 
 Marked ``labelstudio``: skipped unless the server's environment exists
-(``bash scripts/setup-labelstudio.sh``; CI creates it when PXPO_LABEL_STUDIO=1).
+(``bash scripts/setup-labelstudio.sh``; ``scripts/test.sh``, hence CI, creates it unless PXPO_LABEL_STUDIO=0).
 """
 
 from __future__ import annotations
