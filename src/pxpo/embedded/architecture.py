@@ -8,6 +8,18 @@ import torch
 
 from .tokenizer import build_tokenizer
 
+# Stable Diffusion's noise schedule and DDIM settings (the embedded default and the SD-shaped fixtures).
+SD_SCHEDULER = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    set_alpha_to_one=False,
+    steps_offset=1,
+    prediction_type="epsilon",
+)
+
 
 @dataclass
 class BaseModelSpec:
@@ -85,17 +97,7 @@ def build_components(spec: BaseModelSpec | None = None, seed: int = 0) -> dict:
         attention_head_dim=4,
         norm_num_groups=16,
     )
-    # Stable Diffusion's schedule and DDIM settings.
-    scheduler = DDIMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        prediction_type="epsilon",
-    )
+    scheduler = DDIMScheduler(**SD_SCHEDULER)
     return dict(
         vae=vae,
         text_encoder=text_encoder,

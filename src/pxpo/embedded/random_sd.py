@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from ..storage import atomic_dir
+from .architecture import SD_SCHEDULER
 from .tokenizer import build_tokenizer
 
 # Stable Diffusion 1.5's component configs (the values its model_index components publish).
@@ -57,16 +58,7 @@ SD15_TEXT = dict(
     projection_dim=768,
     hidden_act="quick_gelu",
 )
-SD15_SCHEDULER = dict(
-    num_train_timesteps=1000,
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    clip_sample=False,
-    set_alpha_to_one=False,
-    steps_offset=1,
-    prediction_type="epsilon",
-)
+SD15_SCHEDULER = SD_SCHEDULER
 ARCHS = {"sd15": (SD15_UNET, SD15_VAE, SD15_TEXT, SD15_SCHEDULER)}
 
 
