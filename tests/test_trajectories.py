@@ -101,3 +101,26 @@ def test_failed_write_leaves_previous_artifact_intact(tmp_path):
             raise RuntimeError("crash mid-write")
     assert sorted(p.name for p in (tmp_path / "t").iterdir()) == before
     assert [p.name for p in tmp_path.iterdir()] == ["t"]  # no temp dirs left behind
+
+
+def test_optional_sdxl_fields_roundtrip_and_stay_absent_for_sd(tmp_path):
+    """pooled embeddings and time ids are written only when set; an SD artifact (and an older one) loads them as None."""
+    from safetensors.torch import load_file
+
+    sd = _traj()
+    save_trajectories(sd, tmp_path / "sd")
+    assert set(load_file(str(tmp_path / "sd" / "trajectories.safetensors"))) == {"latents", "log_probs", "timesteps", "prompt_embeds", "negative_prompt_embeds"}
+    back = load_trajectories(tmp_path / "sd", with_images=False)
+    assert back.pooled_prompt_embeds is None and back.time_ids is None and back.cond().pooled is None
+
+    import dataclasses
+
+    xl = dataclasses.replace(sd, pooled_prompt_embeds=torch.randn(3, 24), negative_pooled_prompt_embeds=torch.zeros(1, 24),
+                             time_ids=torch.tensor([[16.0, 16, 0, 0, 16, 16]]).expand(3, 6), negative_time_ids=torch.tensor([[16.0, 16, 0, 0, 16, 16]]))
+    save_trajectories(xl, tmp_path / "xl")
+    back = load_trajectories(tmp_path / "xl", with_images=False)
+    c, u = back.cond([2, 0]), back.uncond()
+    assert torch.equal(c.pooled, xl.pooled_prompt_embeds[[2, 0]]) and torch.equal(c.time_ids, xl.time_ids[[2, 0]])
+    assert torch.equal(u.pooled, xl.negative_pooled_prompt_embeds) and u.time_ids.shape == (1, 6)
+    part = back.select(slice(1, 3))
+    assert len(part) == 2 and part.pooled_prompt_embeds.shape == (2, 24) and part.prompts == ["p1", "p2"]

@@ -43,7 +43,7 @@ COMMANDS = {
     "evaluate": "pxpo.stages.evaluate",
     "register": "pxpo.stages.register",
     "pipeline": "pxpo.kubeflow",
-    "labellers": "pxpo.core.rewards",
+    "labellers": "pxpo.labellers",
 }
 
 
@@ -60,18 +60,17 @@ def _config(args):
 
 
 def cmd_base_build(args) -> int:
-    from .stages.base import build_base_model
+    from .stages.base import build_base_model, default_out
 
-    stats = build_base_model(
-        Path(args.out), seed=args.seed, vae_steps=args.vae_steps, unet_steps=args.unet_steps,
-        text_lr_mult=args.text_lr_mult, force=args.force, progress=not args.quiet,
-    )
+    out = Path(args.out or default_out(args.arch))
+    kw = dict(vae_steps=args.vae_steps, unet_steps=args.unet_steps, text_lr_mult=args.text_lr_mult, force=args.force, progress=not args.quiet)
+    stats = build_base_model(out, arch=args.arch, seed=args.seed, **kw)
     if stats is None:
-        print(f"{args.out} exists (use --force to rebuild)")
+        print(f"{out} exists (use --force to rebuild)")
         return 0
     print(
-        f"built {args.out}: prompt-following accuracy {stats['prompt_following_accuracy']:.2f} "
-        f"(digit classifier on 80 samples), {stats['total_seconds']:.0f}s; grid {Path(args.out) / 'samples.png'}"
+        f"built {out}: prompt-following accuracy {stats['prompt_following_accuracy']:.2f} "
+        f"(digit classifier on 80 samples), {stats['total_seconds']:.0f}s; grid {out / 'samples.png'}"
     )
     return 0
 
@@ -231,7 +230,9 @@ def cmd_pipeline(args) -> int:
 
 
 def cmd_labellers(args) -> int:
-    from .core.rewards import REGISTRY
+    from .config_rewards import known_labellers
+
+    REGISTRY = known_labellers()  # the core's labellers and the library's (digit_fidelity)
 
     for name, fn in sorted(REGISTRY.items()):
         doc = (fn.__doc__ or "").strip().splitlines()
@@ -256,10 +257,11 @@ def build_parser() -> argparse.ArgumentParser:
     base = sub.add_parser("base", help="the embedded default model")
     bsub = base.add_subparsers(dest="base_command", required=True)
     b = bsub.add_parser("build", help="build and pretrain the tiny default pipeline (a few CPU minutes)")
-    b.add_argument("--out", default="models/base")
+    b.add_argument("--arch", default="sd", help="sd (UNet + DDIM, default) or sd3 (SD3 transformer + flow matching)")
+    b.add_argument("--out", default=None, help="default models/base (sd) or models/sd3 (sd3)")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--vae-steps", type=int, default=None)
-    b.add_argument("--unet-steps", type=int, default=None)
+    b.add_argument("--unet-steps", type=int, default=None, help="denoiser pretraining steps (the SD3 transformer's with --arch sd3)")
     b.add_argument("--text-lr-mult", type=float, default=None, help="text encoder lr = UNet lr x this")
     b.add_argument("--force", action="store_true", help="rebuild even if the directory exists")
     b.add_argument("--quiet", action="store_true")
@@ -273,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     bl.add_argument("--quiet", action="store_true")
     bl.set_defaults(fn=cmd_base_lcm)
     br = bsub.add_parser("random", help="save a RANDOM-weight pipeline with a published architecture's shapes (GPU timing fixture)")
-    br.add_argument("--arch", default="sd15", help="architecture whose component configs to use (sd15)")
+    br.add_argument("--arch", default="sd15", help="architecture whose component configs to use (sd15, sd35m)")
     br.add_argument("--out", required=True)
     br.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     br.add_argument("--seed", type=int, default=0)

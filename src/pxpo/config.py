@@ -10,39 +10,17 @@ Sizes are PER PROCESS (per GPU under ``accelerate launch``) unless a field says 
 
 from __future__ import annotations
 
-import datetime
 import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, ValidationError, ValidationInfo, model_validator
-from pydantic_core import PydanticCustomError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, ValidationInfo, model_validator
 
-from .config_checks import Absent, _is_model, choose, input_error
+from .config_checks import Absent, Float, Int, Str, _fail, _is_model, choose, input_error
+from .config_rewards import LabellerSpec, RewardComponent, RewardConfig, check_gold  # noqa: F401  (re-exported)
 from .errors import PxpoInputError
-
-
-def _not_bool(value):
-    if isinstance(value, bool):
-        raise PydanticCustomError("bool_not_number", "a boolean is not a number")
-    return value
-
-
-def _scalar_to_str(value):
-    if isinstance(value, (int, float, datetime.date)) and not isinstance(value, bool):
-        return str(value)  # YAML turns `revision: 1234` or `output_dir: 2024-01-01` into numbers/dates
-    return value
-
-
-Int = Annotated[int, BeforeValidator(_not_bool)]
-Float = Annotated[float, BeforeValidator(_not_bool)]
-Str = Annotated[str, BeforeValidator(_scalar_to_str)]
-
-
-def _fail(field: str, problem: str, fix: str) -> PydanticCustomError:  # a cross-field check; field relative to the model
-    return PydanticCustomError("pxpo", "{problem}", {"field": field, "problem": problem, "fix": fix})
 
 
 class _Section(BaseModel):
@@ -71,34 +49,30 @@ class PromptConfig(_Section):
 
 
 class SampleConfig(_Section):
-    sampler: Literal["ddim", "lcm"] = Field("ddim", description='"ddim" (stochastic DDIM, eta > 0) or "lcm" (multi-step consistency sampling, RLCM).')
+    sampler: Literal["ddim", "lcm", "flow_sde"] = Field("ddim", description='"ddim" (stochastic DDIM, eta > 0), "lcm" (multi-step consistency sampling, RLCM) or "flow_sde" (Flow-GRPO\'s SDE, SD3-class flow models).')
     num_steps: Int = Field(20, ge=1, description="The denoising steps T (DDIM: 20-50; LCM: 2-8).")
     eta: Float = Field(1.0, description="The DDIM stochasticity, which must be > 0 to train on the samples.")
     guidance_scale: Float = Field(3.0, description="The classifier-free guidance scale w (<= 1 disables CFG).")
     batch_size: Int = Field(32, ge=1, description="Samples per UNet batch, GLOBAL: each of N processes rolls out batch_size / N at a time.")
     num_batches: Int = Field(1, ge=1, description="Batches per epoch (samples/epoch = batch_size * num_batches, global: the same for any number of processes).")
+    compute_batch: Int | Literal["auto"] = Field("auto", description='Samples per UNet call of sampling, per process (any size: samples are independent); "auto": the largest that fits the free GPU memory (on CPU: batch_size / N).')
+    noise_level: Float = Field(0.7, ge=0, description="flow_sde: Flow-GRPO's noise level a (sigma_t = a sqrt(t / (1 - t))); 0 samples the ODE (NFT only).")
+    sde_window_start: Int = Field(0, ge=0, description="flow_sde: the first SDE step (steps outside the window are ODE steps and not trained).")
+    sde_window_size: Int = Field(0, ge=0, description="flow_sde: SDE steps from sde_window_start (0: every step; 1-2: Flow-GRPO-Fast / MixGRPO).")
+    group_size: Int = Field(1, ge=1, description="Samples per drawn prompt in an epoch (GRPO's G; train.advantage_mode=group normalises within these groups).")
 
     @model_validator(mode="after")
     def _check(self) -> SampleConfig:
+        if self.compute_batch != "auto" and self.compute_batch < 1:
+            raise _fail("compute_batch", f"must be >= 1 or auto, got {self.compute_batch}", 'set sample.compute_batch to a positive size or "auto"')
         if self.sampler == "lcm" and self.num_steps > 50:
             raise _fail("num_steps", f"{self.num_steps} consistency steps exceed the 50-step skipping schedule", "use 2-8 steps with sampler lcm")
         if self.sampler == "ddim" and not self.eta > 0:
             raise _fail("eta", f"eta={self.eta} makes DDIM deterministic and the log-probability undefined", "set sample.eta > 0 (1.0 is the usual choice)")
+        if self.sampler == "flow_sde" and self.sde_window_size and self.sde_window_start + self.sde_window_size > self.num_steps:
+            problem = f"a window of {self.sde_window_size} SDE steps from step {self.sde_window_start} does not fit in {self.num_steps} steps"
+            raise _fail("sde_window_start", problem, "choose sample.sde_window_start + sample.sde_window_size <= sample.num_steps")
         return self
-
-
-class RewardConfig(_Section):
-    name: Str = Field("brightness_target", description="A labeller in pxpo.core.rewards.REGISTRY (`pxpo labellers` lists them).")
-    kwargs: dict[str, Any] = Field(default_factory=lambda: {"layout": "left_bright"}, description="Keyword arguments of the labeller.")
-
-    @model_validator(mode="after")
-    def _check(self) -> RewardConfig:
-        from .core.rewards import REGISTRY
-
-        if self.name not in REGISTRY:
-            raise _fail("name", f"unknown labeller {self.name!r}", f"use one of {', '.join(sorted(REGISTRY))} (`pxpo labellers` lists them)")
-        return self
-
 
 
 class LabelConfig(_Section):
@@ -120,7 +94,10 @@ class LabelConfig(_Section):
         return self
 
 class TrainConfig(_Section):
-    algorithm: Literal["pxpo", "ddpo"] = Field("pxpo", description='"pxpo" (per-element advantages) or "ddpo" (scalar: the map\'s mean).')
+    algorithm: Literal["pxpo", "ddpo", "nft", "nft_scalar"] = Field("pxpo", description='"pxpo" (per-element advantages), "ddpo" (scalar: the map\'s mean), "nft" (pixel-wise DiffusionNFT, flow_sde sampler) or "nft_scalar" (DiffusionNFT on the map\'s mean).')
+    advantage_mode: Literal["tracker", "group"] = Field("tracker", description='"tracker" (per-prompt buffers across epochs, DDPO) or "group" (GRPO: within this epoch\'s group of sample.group_size samples per prompt).')
+    group_std: Literal["group", "global"] = Field("group", description='advantage_mode=group: the spread of each group\'s residuals, or one over the epoch (Flow-GRPO\'s global_std).')
+    nft_beta: Float = Field(1.0, gt=0, description="DiffusionNFT's mixing coefficient beta of the implicit positive / negative policies.")
     loss: Literal["ppo", "sf"] = Field("ppo", description='"ppo" (clipped ratio) or "sf" (score function).')
     ratio: Literal["element", "mean"] = Field("element", description='The PXPO ratio: "element" or "mean" (DDPO\'s ratio, per-element advantage).')
     baseline: Literal["position", "scalar"] = Field("position", description='The PXPO advantage baseline: "position" (mean map) or "scalar".')
@@ -142,6 +119,8 @@ class TrainConfig(_Section):
     use_lora: StrictBool = Field(True, description="LoRA on the UNet attention (else full fine-tuning).")
     lora_rank: Int = Field(4, description="The LoRA rank.")
     lora_alpha: Float = Field(4.0, description="The LoRA alpha (scale = alpha / rank).")
+    compute_batch: Int | Literal["auto"] = Field("auto", description='(sample, timestep) pairs per UNet call of training, per process (the gradient is unchanged); "auto": the largest that fits the free GPU memory (on CPU: batch_size / N).')
+    compile: StrictBool = Field(False, description="torch.compile the UNet for sampling and training (CUDA; the first epoch pays the compilation).")
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field("auto", description='"auto" (fp16 on CUDA, none on CPU), "no", "fp16" or "bf16".')
     save_every: Int = Field(5, ge=1, description="A checkpoint is saved every N epochs (and at the end).")
     keep_checkpoints: Int = Field(2, ge=1, description="The newest checkpoints kept.")
@@ -151,9 +130,14 @@ class TrainConfig(_Section):
     grad_spike_factor: Float = Field(100.0, ge=0, description="Stop and roll back when a gradient norm exceeds this times its running median (0: off).")
     probe_every: Int = Field(5, ge=0, description="Log drift from the base model on a fixed probe batch every N epochs (0: off).")
     probe_samples: Int = Field(8, ge=1, description="Samples in the drift probe batch (fixed prompts and seeds).")
+    kl_coef: Float = Field(0.0, ge=0, description="Weight of the per-element KL to the reference policy in the loss (0: off, today's loss exactly).")
+    ratio_warn: Float | None = Field(None, gt=0, description="Warn once when the first update's worst |ratio - 1| exceeds this (None: by precision).")
+    ratio_stop: Float | None = Field(None, gt=0, description="Stop when the first update's worst |ratio - 1| exceeds this: a sampler/trainer mismatch (None: by precision).")
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
+        if self.compute_batch != "auto" and self.compute_batch < 1:
+            raise _fail("compute_batch", f"must be >= 1 or auto, got {self.compute_batch}", 'set train.compute_batch to a positive size or "auto"')
         if self.min_count > self.buffer_size:
             problem = f"min_count {self.min_count} exceeds buffer_size {self.buffer_size}, so a prompt's stats would never be used"
             raise _fail("min_count", problem, "set train.min_count <= train.buffer_size")
@@ -180,6 +164,7 @@ class PrepareConfig(_Section):
 class EvaluateConfig(_Section):
     samples_per_prompt: Int = Field(8, ge=1, description="Samples per held-out prompt (the same seeds for base and policy).")
     seed: Int = Field(12345, description="The seed of the evaluation samples.")
+    gold: list[LabellerSpec] = Field(default_factory=list, description="Gold rewards training never sees, reported for base and policy (register.max_gold_drop gates on them).")
 
 
 class RegisterConfig(_Section):
@@ -190,11 +175,25 @@ class RegisterConfig(_Section):
     margin: Float = Field(0.0, description="The challenger must beat the champion by more than this.")
     min_gain: Float = Field(0.0, description="The challenger must also beat its own base model by more than this (reward_gain).")
     max_drift: Float | None = Field(None, description="Refuse promotion when the evaluation's drift_pixel_l1 from the base model exceeds this (None: off).")
+    max_gold_drop: Float | None = Field(None, description="Refuse promotion when a gold reward (evaluate.gold) of the policy is lower than the base's by more than this (None: off).")
 
 
 class PipelineConfig(_Section):
     rounds: Int = Field(3, ge=1, description="KFP: unrolled rounds of sample -> label -> train (compile-time).")
     epochs_per_round: Int = Field(1, ge=1, description="Epochs each train component runs (the first from the stage's samples).")
+
+
+def _check_flow_and_groups(s: SampleConfig, t: TrainConfig, total: int) -> None:
+    """Cross-section checks of the flow sampler, NFT and GRPO groups (issue 15)."""
+    nft = t.algorithm in ("nft", "nft_scalar")
+    if nft and s.sampler != "flow_sde":
+        raise _fail("train.algorithm", f"{t.algorithm} trains a flow model's velocity on the forward process, not a {s.sampler} sampler", "set sample.sampler=flow_sde (an SD3-class model)")
+    if s.sampler == "flow_sde" and not nft and not s.noise_level > 0:
+        raise _fail("sample.noise_level", "noise level 0 samples the ODE: no step has a log-probability to train by policy gradient", "set sample.noise_level > 0 (0.7 is Flow-GRPO's), or train.algorithm=nft")
+    if total % s.group_size:
+        raise _fail("sample.group_size", f"{s.group_size} does not divide the {total} samples per epoch", "choose sample.group_size dividing sample.batch_size * sample.num_batches")
+    if t.advantage_mode == "group" and s.group_size < 2:
+        raise _fail("sample.group_size", "group-relative advantages need at least 2 samples per prompt", "set sample.group_size >= 2 (e.g. 4-16) or train.advantage_mode=tracker")
 
 
 # The field `register` shadows ABCMeta.register of the model class, which nothing here uses.
@@ -222,6 +221,7 @@ with warnings.catch_warnings():
         def _check(self, info: ValidationInfo) -> Config:
             s, t = self.__dict__["sample"], self.__dict__["train"]
             sections = (info.context or {}).get("sections")
+            check_gold(self.__dict__, sections)  # evaluate.gold vs reward and register.max_gold_drop
             if isinstance(s, Absent) or isinstance(t, Absent) or (sections is not None and not {"sample", "train"} <= sections):
                 return self  # a restricted task: the full params were checked when the pipeline was compiled
             total = s.batch_size * s.num_batches
@@ -231,6 +231,7 @@ with warnings.catch_warnings():
             if (total // t.batch_size) % t.gradient_accumulation_steps:
                 problem = f"{t.gradient_accumulation_steps} does not divide the {total // t.batch_size} micro-batches per epoch"
                 raise _fail("train.gradient_accumulation_steps", problem, "choose gradient_accumulation_steps dividing (samples per epoch / train.batch_size)")
+            _check_flow_and_groups(s, t, total)
             return self
 
         def __getattribute__(self, name: str):

@@ -9,13 +9,36 @@
 
 from __future__ import annotations
 
+import datetime
 import difflib
 from collections.abc import Iterable
-from typing import Any, get_args
+from typing import Annotated, Any, get_args
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, BeforeValidator, ValidationError
+from pydantic_core import PydanticCustomError
 
 from .errors import PxpoInputError
+
+
+def _not_bool(value):
+    if isinstance(value, bool):
+        raise PydanticCustomError("bool_not_number", "a boolean is not a number")
+    return value
+
+
+def _scalar_to_str(value):
+    if isinstance(value, (int, float, datetime.date)) and not isinstance(value, bool):
+        return str(value)  # YAML turns `revision: 1234` or `output_dir: 2024-01-01` into numbers/dates
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_not_bool)]
+Float = Annotated[float, BeforeValidator(_not_bool)]
+Str = Annotated[str, BeforeValidator(_scalar_to_str)]
+
+
+def _fail(field: str, problem: str, fix: str) -> PydanticCustomError:  # a cross-field check; field relative to the model
+    return PydanticCustomError("pxpo", "{problem}", {"field": field, "problem": problem, "fix": fix})
 
 
 def _is_model(annotation) -> bool:

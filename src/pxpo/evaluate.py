@@ -5,9 +5,14 @@ Writes into the output directory::
     metrics.json          reward (mean/std) of the policy and of the base model,
                           the gain, drift from the base (pixel L1, latent RMS),
                           per-prompt rewards, the mean reward map's left/right
-                          and top/bottom contrasts
+                          and top/bottom contrasts; with several reward
+                          components each one's mean (``reward_<key>``,
+                          ``base_reward_<key>``); the gold rewards of
+                          ``evaluate.gold`` (labellers training never sees) for
+                          both (``gold_<key>``, ``base_gold_<key>``, and
+                          ``gold`` = {key: {base, policy}})
     reward_map_mean.png   mean reward map of the policy's samples (heatmap)
-    samples_grid.png      base samples (top rows) and policy samples (bottom rows), same seeds
+    samples_grid.png      base samples (rows labelled "base") and policy samples ("policy"), same seeds
     reward_overlay.png    policy samples with their reward maps blended on top
     reward_maps.safetensors   maps of the policy's samples, (N, H, W)
 """
@@ -68,9 +73,9 @@ def evaluate(cfg: Config, policy_dir: str | None, out_dir: Path, *, samples_per_
     """Sample held-out prompts with the base model and the policy (same seeds) and score both."""
     from safetensors.torch import save_file
 
-    from .core.rewards import make_labeller
+    from .labellers import make_gold, make_reward
     from .models import load_configured_pipeline, load_policy_into
-    from .plots import save_grid
+    from .plots import save_grid, save_labelled_grid
     from .prompts import load_weighted_prompts
     from .storage import atomic_dir
     from .rollout import label_images, sample_seed, sample_trajectories
@@ -80,13 +85,14 @@ def evaluate(cfg: Config, policy_dir: str | None, out_dir: Path, *, samples_per_
     heldout, _ = load_weighted_prompts(cfg.prompts.source, split=split)
     prompts = [p for p in heldout for _ in range(samples_per_prompt)]
     seeds = [sample_seed(seed, 0, 0, i) for i in range(len(prompts))]
-    labeller = make_labeller(cfg.reward.name, **cfg.reward.kwargs)
+    labeller = make_reward(cfg.reward)
+    gold = make_gold(cfg.evaluate)  # built before sampling: a bad gold labeller fails fast
 
     base = sample_trajectories(pipe, cfg, prompts, seeds, progress=progress)
     load_policy_into(pipe, policy_dir)
     tuned = sample_trajectories(pipe, cfg, prompts, seeds, progress=progress)
-    maps_b, _ = label_images(labeller, base.images, prompts)
-    maps_t, _ = label_images(labeller, tuned.images, prompts)
+    maps_b, info_b = label_images(labeller, base.images, prompts)
+    maps_t, info_t = label_images(labeller, tuned.images, prompts)
 
     r_b, r_t = maps_b.mean((1, 2)), maps_t.mean((1, 2))
     mean_map = maps_t.mean(0)
@@ -103,25 +109,54 @@ def evaluate(cfg: Config, policy_dir: str | None, out_dir: Path, *, samples_per_
         **drift_metrics(base.images, tuned.images, base.latents[:, -1], tuned.latents[:, -1]),
         "map_left_minus_right": float(mean_map[:, : w // 2].mean() - mean_map[:, w - w // 2 :].mean()),
         "map_top_minus_bottom": float(mean_map[: h // 2].mean() - mean_map[h - h // 2 :].mean()),
+        **component_metrics(info_b, info_t),
+        **gold_metrics(gold, base.images, tuned.images, prompts),
         "per_prompt_reward": per_prompt,
         "policy": str(policy_dir) if policy_dir else None,
-        "reward": {"name": cfg.reward.name, "kwargs": cfg.reward.kwargs},
+        "reward": {"name": cfg.reward.describe(), "kwargs": cfg.reward.kwargs} if not cfg.reward.components else cfg.reward.model_dump(),
     }
     with atomic_dir(Path(out_dir)) as tmp:
         n = min(len(prompts), 32)
-        save_grid(torch.cat([base.images[:n], tuned.images[:n]]), tmp / "samples_grid.png", nrow=8)
+        save_labelled_grid({"base": base.images[:n], "policy": tuned.images[:n]}, tmp / "samples_grid.png", nrow=8)
         save_grid(overlay(tuned.images[:n], maps_t[:n]), tmp / "reward_overlay.png", nrow=8)
-        heatmap_png(mean_map, tmp / "reward_map_mean.png", f"mean reward map ({cfg.reward.name})")
+        heatmap_png(mean_map, tmp / "reward_map_mean.png", f"mean reward map ({cfg.reward.describe()})")
         save_file({"maps": maps_t.contiguous(), "base_maps": maps_b.contiguous()}, str(tmp / "reward_maps.safetensors"))
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
 
 
+def component_metrics(info_base: dict, info_policy: dict) -> dict:
+    """``reward_<key>`` (policy) and ``base_reward_<key>`` of each reward component (several components only)."""
+    from .core.rewards import component_means
+
+    return {**{f"base_{k}": v for k, v in component_means(info_base).items()}, **component_means(info_policy)}
+
+
+def gold_metrics(gold: dict, base_images: torch.Tensor, images: torch.Tensor, prompts: list[str]) -> dict:
+    """The gold rewards (labellers training never sees) of base and policy samples (N, 3, H, W).
+
+    Returns ``gold`` = {key: {"base", "policy"}} and the flat ``gold_<key>`` (policy),
+    ``base_gold_<key>`` (and ``gold_<key>_accuracy`` where the labeller reports ``correct``).
+    """
+    from .rollout import label_images
+
+    out: dict = {"gold": {}} if gold else {}
+    for key, fn in gold.items():
+        (mb, ib), (mp, ip) = (label_images(fn, x, prompts, where=f"gold reward {key!r}") for x in (base_images, images))
+        b, p = float(mb.mean()), float(mp.mean())
+        out["gold"][key] = {"base": b, "policy": p}
+        out.update({f"gold_{key}": p, f"base_gold_{key}": b})
+        if "correct" in ip:
+            out.update({f"gold_{key}_accuracy": float(np.mean(ip["correct"])), f"base_gold_{key}_accuracy": float(np.mean(ib["correct"]))})
+    return out
+
+
 def summarize(metrics: dict) -> str:
+    gold = "".join(f"; gold {k} {v['base']:.4f} -> {v['policy']:.4f}" for k, v in metrics.get("gold", {}).items())
     return (
         f"held-out reward {metrics['base_reward_mean']:.4f} (base) -> {metrics['reward_mean']:.4f} (policy), "
-        f"gain {metrics['reward_gain']:+.4f}; drift L1 {metrics['drift_pixel_l1']:.4f} on {metrics['num_samples']} samples"
+        f"gain {metrics['reward_gain']:+.4f}{gold}; drift L1 {metrics['drift_pixel_l1']:.4f} on {metrics['num_samples']} samples"
     )
 
 
-__all__ = ["evaluate", "summarize", "overlay", "drift_metrics", "np"]
+__all__ = ["evaluate", "summarize", "overlay", "drift_metrics", "gold_metrics", "component_metrics", "np"]

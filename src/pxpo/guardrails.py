@@ -14,12 +14,22 @@
 * :class:`DriftProbe` samples a fixed probe batch (the same prompts and seeds
   every time) every ``train.probe_every`` epochs and logs the drift from the
   base model, as ``pxpo evaluate`` measures it (:func:`pxpo.evaluate.drift_metrics`).
+* :class:`RatioHealth` checks the importance ratio where it must be 1: on the
+  first update of each epoch the weights are the ones that sampled, so
+  ``exp(logp - logp_old)`` differs from 1 only by rounding. It logs the worst
+  per-element ``|ratio - 1|`` (``ratio_dev_max``), warns once above a
+  tolerance that fits the precision, and stops the run above a hard limit:
+  a trainer that does not recompute the sampler's log-probs (another
+  precision, guidance scale, scheduler config, dropout left on) turns PPO's
+  clip into noise without any other symptom.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import statistics
+import warnings
 from collections import deque
 from pathlib import Path
 
@@ -29,6 +39,10 @@ from .errors import PxpoInputError
 
 
 PROBE_STREAM = 997
+# Worst per-element |ratio - 1| on the first update, by precision (train.mixed_precision as Accelerate resolves it):
+# (warn, stop). fp32 rounding of a recomputed step stays far below the warning; half precision rounds the
+# network output to ~1e-3 (fp16) or ~1e-2 (bf16) relative, and a small-std step turns that into large log-ratios.
+RATIO_LIMITS = {"no": (1e-2, 0.5), "fp16": (0.2, 10.0), "bf16": (0.5, 50.0)}
 
 
 class TrainingStopped(PxpoInputError):
@@ -185,3 +199,90 @@ def _probe_samples(pipe, unet, cfg, prompts, seeds) -> tuple[torch.Tensor, torch
     with torch.no_grad():
         traj = sample_trajectories(pipe, cfg, prompts, seeds, progress=False)
     return traj.images.float(), traj.latents[:, -1].float()
+
+
+class RatioHealth:
+    """The importance ratio on the first update of each epoch (see the module docstring).
+
+    Args:
+        warn: warn once per run when the worst per-element ``|ratio - 1|`` exceeds this.
+        stop: raise :class:`TrainingStopped` when it exceeds this.
+        precision: named in the messages (``no`` = fp32, ``fp16``, ``bf16``).
+
+    Use: :meth:`start_epoch`; :meth:`observe` every re-scored batch (it only counts
+    until :meth:`first_update` is called); :meth:`first_update` right before the
+    epoch's first optimizer step (stops the run before a mismatched step is taken);
+    :meth:`metrics` for the epoch's log.
+    """
+
+    def __init__(self, warn: float, stop: float, precision: str = "no"):
+        self.warn, self.stop, self.precision = warn, stop, precision
+        self.worst, self.active, self.warned = 0.0, True, False
+        self._dev: torch.Tensor | None = None  # the running max on the device (read once, by first_update)
+
+    @classmethod
+    def from_config(cls, train_cfg, precision: str) -> RatioHealth:
+        warn, stop = RATIO_LIMITS.get(precision, RATIO_LIMITS["no"])
+        warn = train_cfg.ratio_warn if train_cfg.ratio_warn is not None else warn
+        stop = train_cfg.ratio_stop if train_cfg.ratio_stop is not None else stop
+        return cls(warn, max(stop, warn), precision)
+
+    def start_epoch(self) -> None:
+        self.worst, self.active, self._dev = 0.0, True, None
+
+    def observe(self, log_prob: torch.Tensor, old_log_prob: torch.Tensor) -> None:
+        """Per-element log-probs (B, ...) re-scored now and stored at sampling time."""
+        if self.active:
+            dev = torch.expm1(log_prob.detach().double() - old_log_prob.detach().double()).abs().max()
+            dev = torch.where(torch.isfinite(dev), dev, torch.full_like(dev, math.inf))  # NaN counts as the worst
+            self._dev = dev if self._dev is None else torch.maximum(self._dev, dev)
+
+    def first_update(self, where: str, reduce=None) -> float:
+        """End of the first update's window: check the worst deviation; stop observing. Returns it.
+
+        ``reduce``: maps a float to the max over processes (every process then decides the same).
+        """
+        if not self.active:
+            return self.worst
+        self.active = False
+        self.worst = float(self._dev) if self._dev is not None else 0.0  # one host read per epoch
+        if reduce is not None:
+            self.worst = float(reduce(self.worst))
+        if not math.isfinite(self.worst) or self.worst > self.stop:
+            raise TrainingStopped(
+                where,
+                f"the importance ratio is off by {self.worst:.3g} on the first update (worst element; limit {self.stop:g} for "
+                f"precision {self.precision!r}, train.ratio_stop), although the weights are the ones that sampled: "
+                "training does not recompute the sampler's log-probs",
+                "make training score steps exactly as sampling did: the same precision (train.mixed_precision, model.dtype), "
+                "guidance scale (sample.guidance_scale) and negative prompt, the same scheduler config, and no dropout left on; "
+                "raise train.ratio_stop only if this precision needs it",
+            )
+        if self.worst > self.warn and not self.warned:
+            self.warned = True
+            warnings.warn(
+                f"{where}: the importance ratio is off by {self.worst:.3g} on the first update (worst element; tolerance {self.warn:g} "
+                f"for precision {self.precision!r}, train.ratio_warn): PPO's clip acts on rounding noise; check precision, guidance "
+                "and scheduler settings (warned once per run)",
+                stacklevel=2,
+            )
+        return self.worst
+
+    def metrics(self) -> dict:
+        """``{"ratio_dev_max": worst |ratio - 1| on this epoch's first update}``."""
+        return {"ratio_dev_max": self.worst}
+
+
+def process_max(acc):
+    """The ``reduce`` of :meth:`RatioHealth.first_update` for ``acc``: the max over processes (None: one process)."""
+    if acc.num_processes == 1:
+        return None
+    return lambda v: float(acc.gather(torch.tensor([v], dtype=torch.float64, device=acc.device)).max())
+
+
+def precision_of(acc, net) -> str:
+    """The precision the network computes in: Accelerate's mixed precision, else its weights' (``no`` = fp32)."""
+    if acc.mixed_precision in ("fp16", "bf16"):
+        return acc.mixed_precision
+    dtypes = {p.dtype for p in net.parameters()}
+    return "fp16" if torch.float16 in dtypes else "bf16" if torch.bfloat16 in dtypes else "no"

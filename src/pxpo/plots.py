@@ -36,11 +36,14 @@ def reward_curve(histories: dict[str, list[dict]], path: Path, x: str = "samples
     plt.close(fig)
 
 
-def save_grid(images, path: Path, nrow: int, scale: int = 4) -> None:
-    """Write images (B, 3, H, W) in [0, 1] as one PNG grid (``nrow`` per row), upscaled ``scale`` x."""
+def save_grid(images, path: Path, nrow: int, scale: int = 4, row_labels: list[str] | None = None) -> None:
+    """Write images (B, 3, H, W) in [0, 1] as one PNG grid (``nrow`` per row), upscaled ``scale`` x.
+
+    ``row_labels``: one text per grid row (``""`` for none), written in a left margin.
+    """
     import numpy as np
     import torch
-    from PIL import Image
+    from PIL import Image, ImageDraw, ImageFont
 
     from .storage import atomic_file
 
@@ -52,5 +55,33 @@ def save_grid(images, path: Path, nrow: int, scale: int = 4) -> None:
         grid[:, r * (h + 1) : r * (h + 1) + h, k * (w + 1) : k * (w + 1) + w] = im
     arr = (grid.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
     img = Image.fromarray(arr).resize((arr.shape[1] * scale, arr.shape[0] * scale), Image.NEAREST)
+    if row_labels and any(row_labels):
+        font = ImageFont.load_default()
+        draw = ImageDraw.Draw(img)
+        margin = int(max(draw.textlength(t, font=font) for t in row_labels)) + 8
+        labelled = Image.new("RGB", (img.width + margin, img.height), (255, 255, 255))
+        labelled.paste(img, (margin, 0))
+        draw = ImageDraw.Draw(labelled)
+        for r, text in enumerate(row_labels[:ncol]):
+            if text:
+                draw.text((4, r * (h + 1) * scale + 4), text, fill=(0, 0, 0), font=font)
+        img = labelled
     with atomic_file(Path(path), "wb") as f:
         img.save(f, format="PNG")
+
+
+def save_labelled_grid(blocks: dict, path: Path, nrow: int, scale: int = 4) -> None:
+    """Write blocks of images ``{label: (B_k, 3, H, W)}`` as one grid, each block starting a row, labelled on its first row.
+
+    Blocks are padded with mid-grey to whole rows, so the i-th images of equal-sized blocks line up
+    (e.g. ``{"base": ..., "policy": ...}`` with the same prompts and seeds).
+    """
+    import torch
+
+    parts, labels = [], []
+    for label, images in blocks.items():
+        rows = max(1, math.ceil(images.shape[0] / nrow))
+        pad = torch.full((rows * nrow - images.shape[0], *images.shape[1:]), 0.5)
+        parts += [images.float().cpu(), pad]
+        labels += [label] + [""] * (rows - 1)
+    save_grid(torch.cat(parts), path, nrow, scale, row_labels=labels)

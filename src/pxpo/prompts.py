@@ -92,3 +92,8 @@ class PromptSource:
     def draw(self, n: int, seed: int) -> list[str]:
         """``n`` prompts drawn with replacement by weight (see :func:`draw_prompts`)."""
         return draw_prompts(self.prompts, n, seed, self.weights)
+
+    def draw_groups(self, n: int, group_size: int, seed: int) -> list[str]:
+        """``n`` prompts as n / group_size draws, each repeated group_size times in a row (GRPO's groups,
+        ``sample.group_size``); group_size 1 is :meth:`draw`."""
+        return [p for p in self.draw(n // group_size, seed) for _ in range(group_size)]

@@ -7,8 +7,9 @@ optimiser.
 * :func:`sample_seed` -- the noise seed of one sample (run seed, epoch,
   stream, global index), so resumed, staged and multi-process runs draw
   identical samples.
-* :func:`sample_trajectories` -- roll out the policy (DDIM or LCM) with
-  classifier-free guidance, decode the images -> :class:`Trajectories`.
+* :func:`sample_trajectories` -- roll out the policy (any
+  :class:`pxpo.core.policy.Policy`: DDIM, LCM, ...) with classifier-free
+  guidance, in compute batches, decode the images -> :class:`Trajectories`.
 * :func:`label_images` -- images -> checked reward maps.
 """
 
@@ -16,9 +17,10 @@ from __future__ import annotations
 
 import torch
 
+from .compute_batch import ComputeBatch
 from .config import Config
-from .core.lcm import sample_lcm
-from .core.sampling import decode_latents, encode_prompts, sample_ddim
+from .core.policy import Cond, Policy, make_policy
+from .core.sampling import decode_latents, encode_cond, latent_hw
 from .trajectories import Trajectories, check_reward_maps, make_meta, quantize_images
 
 
@@ -33,53 +35,52 @@ def sample_seed(seed: int, epoch: int, process: int, index: int) -> int:
 
 @torch.no_grad()
 def sample_trajectories(
-    pipe, cfg: Config, prompts: list[str], seeds: list[int], *, progress=False, batch_size: int | None = None
+    pipe,
+    cfg: Config,
+    prompts: list[str],
+    seeds: list[int],
+    *,
+    progress=False,
+    batch_size: int | None = None,
+    policy: Policy | None = None,
+    compute: ComputeBatch | None = None,
+    network=None,
 ) -> Trajectories:
     """Roll out the policy for ``prompts`` (one sample each, noise from ``seeds``).
 
-    ``batch_size`` samples per UNet batch (default ``sample.batch_size``; a
-    process of N rolls out ``sample.batch_size / N``). Each sample's noise comes
-    from its own seed, so the batching does not change the samples.
+    Args:
+        policy: the run's policy (default: built from ``cfg.sample`` and ``pipe.scheduler``).
+        batch_size: the algorithm's batch (default ``sample.batch_size``; a
+            process of N rolls out ``sample.batch_size / N``): the UNet batch
+            unless ``compute`` (default: from ``sample.compute_batch``) says
+            otherwise. Each sample's noise comes from its own seed, so the
+            batching does not change the samples.
+        network: what the denoiser calls instead of ``pipe.unet`` (a torch.compile'd UNet).
 
     Returns:
         :class:`Trajectories` with latents (N, T+1, C, h, w), log_probs
         (N, T, C, h, w), images (N, 3, H, W) quantised to 8 bits.
     """
     s = cfg.sample
-    unet, device = pipe.unet, pipe.unet.device
+    unet = pipe.unet
+    device = unet.device
+    policy = policy if policy is not None else make_policy(s, pipe.scheduler)
+    compute = compute if compute is not None else ComputeBatch(s.compute_batch, device, "sample.compute_batch")
+    denoiser = policy.denoiser(network if network is not None else unet, unet.dtype)
     was_training = unet.training
     unet.eval()
-    neg = encode_prompts(pipe.tokenizer, pipe.text_encoder, [cfg.prompts.negative_prompt])
-    c = unet.config.in_channels
-    size = unet.config.sample_size
-    latent_shape = (c, size, size) if isinstance(size, int) else (c, *size)
-    parts = []
-    chunk = batch_size or s.batch_size
-    for i in range(0, len(prompts), chunk):
-        batch_prompts = prompts[i : i + chunk]
-        cond = encode_prompts(pipe.tokenizer, pipe.text_encoder, batch_prompts)
-        gens = [torch.Generator().manual_seed(sd) for sd in seeds[i : i + chunk]]
-        if s.sampler == "lcm":
-            roll, final = sample_lcm(
-                unet, pipe.scheduler, cond, neg, latent_shape=latent_shape, num_steps=s.num_steps, guidance_scale=s.guidance_scale, generator=gens
-            )
-        else:
-            roll = sample_ddim(
-                unet,
-                pipe.scheduler,
-                cond,
-                neg,
-                latent_shape=latent_shape,
-                num_steps=s.num_steps,
-                eta=s.eta,
-                guidance_scale=s.guidance_scale,
-                generator=gens,
-                progress=progress,
-            )
-            final = roll.latents[:, -1]
-        # RLCM: the reward is on the last f_theta output (`final`), not the last noised sample.
-        images = quantize_images(decode_latents(pipe.vae, final.to(device)))
-        parts.append((roll, cond.float().cpu(), images.cpu()))
+    neg = encode_cond(pipe, [cfg.prompts.negative_prompt], negative=True)
+    latent_shape = (unet.config.in_channels, *latent_hw(unet.config))
+
+    def roll(c: slice):
+        cond = encode_cond(pipe, prompts[c])
+        gens = [torch.Generator().manual_seed(sd) for sd in seeds[c]]
+        r = policy.sample(denoiser, cond, neg, latent_shape, gens, progress=progress)
+        # the reward is on Rollout.final (RLCM: the last f_theta output, not the last noised sample)
+        images = quantize_images(decode_latents(pipe.vae, r.final.to(device)))
+        return r, cond.to("cpu", torch.float32), images.cpu()
+
+    parts = compute.run(len(prompts), batch_size or s.batch_size, roll)
     unet.train(was_training)
     meta = make_meta(
         model_path=cfg.model.path,
@@ -91,16 +92,22 @@ def sample_trajectories(
         negative_prompt=cfg.prompts.negative_prompt,
         sampler=s.sampler,
     )
+    conds = Cond.cat([p[1] for p in parts])
+    neg = neg.to("cpu", torch.float32)
     return Trajectories(
         latents=torch.cat([p[0].latents.cpu() for p in parts]),
         log_probs=torch.cat([p[0].log_probs.cpu() for p in parts]),
-        timesteps=parts[0][0].timesteps,
-        prompt_embeds=torch.cat([p[1] for p in parts]),
-        negative_prompt_embeds=neg.float().cpu(),
+        timesteps=policy.timesteps.clone(),
+        prompt_embeds=conds.embeds,
+        negative_prompt_embeds=neg.embeds,
         prompts=list(prompts),
         seeds=list(seeds),
         images=torch.cat([p[2] for p in parts]),
         meta=meta,
+        pooled_prompt_embeds=conds.pooled,
+        negative_pooled_prompt_embeds=neg.pooled,
+        time_ids=conds.time_ids,
+        negative_time_ids=neg.time_ids,
     )
 
 

@@ -2,17 +2,23 @@
 
 One epoch, top to bottom (:func:`run`):
 
-1. SAMPLING: draw prompts, roll out the current policy with stochastic DDIM
-   (or LCM) and classifier-free guidance, keep every latent and per-element
-   log-prob (:func:`pxpo.rollout.sample_trajectories`).
+1. SAMPLING: draw prompts, roll out the current policy (``state.policy``, a
+   :class:`pxpo.core.policy.Policy`: stochastic DDIM, LCM, ...) with
+   classifier-free guidance, keep every latent and per-element log-prob
+   (:func:`pxpo.rollout.sample_trajectories`), ``sample.compute_batch``
+   samples per UNet call.
 2. LABELLING: decode x_0, score with the reward labeller -> maps (N, H, W)
    (:func:`pxpo.rollout.label_images`).
 3. ADVANTAGES: map to the latent grid and normalise per prompt
    (:func:`compute_advantages`); DDPO uses each map's mean as its scalar.
-4. TRAINING: shuffle samples, permute timesteps per sample, re-score the
-   stored actions under the current weights, PXPO or DDPO loss, accumulate
-   over timesteps (and micro-batches), clip the grad norm, step
-   (:func:`train_on_trajectories`).
+4. TRAINING: shuffle samples, permute the policy's trained transitions per
+   sample, re-score the stored actions under the current weights
+   (``policy.log_prob``), PXPO or DDPO loss; an optimizer step's (sample,
+   timestep) pairs are computed ``train.compute_batch`` per UNet call and
+   summed, the grad norm clipped, one host read per step
+   (:func:`train_on_trajectories`, :mod:`pxpo.train_step`).
+
+The loop holds one policy object and never asks which sampler it is.
 
 The loop receives its collaborators (pipeline and :class:`TrainState`,
 labeller, prompt source, tracker), as trl's trainers do; the stages
@@ -31,7 +37,6 @@ statistics, and DDP averages the gradients of each global micro-batch
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 
@@ -39,16 +44,17 @@ import torch
 
 from .config import Config
 from .errors import PxpoInputError
-from .core.advantages import PerPromptStatTracker, to_latent_grid
-from .core.lcm import lcm_model_output, lcm_step_with_logprob, prev_timesteps, trained_transitions
-from .core.losses import ddpo_loss, pxpo_loss
-from .core.sampling import step_log_prob
-from .guardrails import DriftProbe, StepGuard, TrainingStopped, rollback
+from .core.advantages import GroupRelative, PerPromptStatTracker, to_latent_grid
+from .core.rewards import component_means
+from .guardrails import DriftProbe, RatioHealth, StepGuard, TrainingStopped, precision_of, rollback
 from .distributed import global_advantages, mean_over_processes, micro_batches, shard
 from .prompts import PromptSource
+from .reference import Reference
 from .rollout import label_images, sample_seed, sample_trajectories
 from .tracking import Tracker
 from .training_state import TrainState, latest_checkpoint, save_checkpoint, save_policy
+from .nft_step import NFTStepRunner
+from .train_step import EpochData, StepRunner
 from .trajectories import Trajectories
 
 
@@ -57,10 +63,11 @@ def compute_advantages(
 ) -> torch.Tensor:
     """Advantages from reward maps (N, H, W).
 
-    PXPO: maps area-averaged to the latent grid, per-position stat tracking ->
-    (N, h, w). DDPO: each map's mean as the scalar reward -> (N,).
+    PXPO (and pixel-wise NFT): maps area-averaged to the latent grid, per-position
+    statistics -> (N, h, w). DDPO (and scalar NFT): each map's mean as the scalar
+    reward -> (N,). ``tracker``: per-prompt buffers, or GRPO's :class:`GroupRelative`.
     """
-    if algorithm == "ddpo":
+    if algorithm in ("ddpo", "nft_scalar"):
         return tracker.update(prompts, maps.float().mean((1, 2)))
     return tracker.update(prompts, to_latent_grid(maps, latent_hw))
 
@@ -79,99 +86,66 @@ def train_on_trajectories(
             skipped; too many, or a gradient-norm spike, raise
             :class:`pxpo.guardrails.TrainingStopped`.
 
+    Each optimizer step takes ``gradient_accumulation_steps`` global micro-batches
+    of ``train.batch_size`` samples, each sample at ``timestep_fraction`` of the
+    policy's trained transitions (permuted per sample); its P pairs are computed
+    in ``train.compute_batch`` chunks and its gradient is the mean over them
+    (:class:`pxpo.train_step.StepRunner`).
+
     Returns:
-        mean diagnostics over finite values: loss, approx_kl, clipfrac, ratio,
+        mean diagnostics over finite values: loss, approx_kl, clipfrac, ratio, clipfrac_element,
+        clipfrac_mean, log_ratio_rms_element, log_ratio_rms_mean (core/losses.py),
         grad_norm; optimizer_steps (applied), skipped_steps.
     """
     from tqdm.auto import tqdm
 
-    acc, unet, t = state.accelerator, state.unet, cfg.train
-    s = cfg.sample
-    device = acc.device
-    n = traj.latents.shape[0]
-    steps = trained_transitions(s.sampler, traj.timesteps.shape[0])  # LCM: not the last re-noising
-    n_train_t = max(1, int(steps * t.timestep_fraction))
+    acc, t = state.accelerator, cfg.train
+    policy = state.policy
+    if not torch.equal(policy.timesteps, traj.timesteps.long().cpu()):
+        raise PxpoInputError(
+            "trajectories: timesteps", f"{traj.timesteps.tolist()} differ from the config's sampler ({policy.timesteps.tolist()})", "train with the sample section the trajectories were sampled with"
+        )
+    nft = t.algorithm in ("nft", "nft_scalar")  # DiffusionNFT: a forward-process loss at every level of the schedule
+    trained = torch.arange(len(policy.timesteps)) if nft else policy.trained_steps  # LCM: not the last re-noising
+    n_train_t = max(1, int(len(trained) * t.timestep_fraction))
     # Global order (pxpo.distributed): the same generator on every process; this process trains on its
     # train.batch_size / N samples of each global micro-batch, and DDP averages the N gradients.
-    world, rank = acc.num_processes, acc.process_index
-    n_global, local_b = n * world, t.batch_size // world
+    world, rank, n = acc.num_processes, acc.process_index, len(traj)
+    n_global, local_b, gas = n * world, t.batch_size // world, t.gradient_accumulation_steps
     g = torch.Generator().manual_seed(cfg.seed * 7_919 + epoch * 104_729)
-    neg = traj.negative_prompt_embeds.to(device)
-    prev_t = prev_timesteps(traj.timesteps)  # LCM re-noising targets
-    logs = {"loss": [], "approx_kl": [], "clipfrac": [], "ratio": [], "grad_norm": []}
     guard = StepGuard.from_config(t) if guard is None else guard
-    skipped_before, window_finite = guard.skipped, True
-    kw = dict(mode=t.loss, clip_range=t.clip_range, adv_clip_max=t.adv_clip_max, max_log_ratio=t.max_log_ratio)
-    unet.train()
-    total = t.inner_epochs * math.ceil(n_global / t.batch_size) * n_train_t
-    bar = tqdm(total=total, desc=f"train epoch {epoch}", disable=not progress, leave=False)
+    skipped_before = guard.skipped
+    # ratio health (pxpo.guardrails.RatioHealth): one per run (it warns once), checked on each epoch's first update
+    health = state.extras.setdefault("ratio_health", RatioHealth.from_config(t, precision_of(acc, state.unet)))
+    health.start_epoch()
+    data, where = EpochData(traj, advantages, acc.device), f"training epoch {epoch}"
+    if nft:  # pxpo.nft_step: the same steps and pairs, DiffusionNFT's loss
+        runner = NFTStepRunner(state, policy, data, t, state.train_compute, guard, where, seed=cfg.seed * 7_919 + epoch, offset=rank * n)
+    else:
+        runner = StepRunner(state, policy, data, t, state.train_compute, guard, where)
+    state.unet.train()
+    bar = tqdm(total=t.inner_epochs * n * n_train_t, desc=f"train epoch {epoch}", disable=not progress, leave=False)
     for _ in range(t.inner_epochs):
         batches = micro_batches(n_global, t.batch_size, g)
-        time_perm = torch.stack([torch.randperm(steps, generator=g) for _ in range(n_global)])[shard(n_global, rank, world)]
-        for global_idx in batches:
-            idx = global_idx[rank * local_b : (rank + 1) * local_b] - rank * n
-            cond = traj.prompt_embeds[idx].to(device)
-            adv = advantages[idx].to(device)
-            for j in range(n_train_t):
-                tj = time_perm[idx, j]
-                x_t = traj.latents[idx, tj].to(device)
-                x_prev = traj.latents[idx, tj + 1].to(device)
-                lp_old = traj.log_probs[idx, tj].to(device)
-                timestep = traj.timesteps[tj].to(device)
-                with acc.accumulate(unet):
-                    with acc.autocast():
-                        if s.sampler == "lcm":
-                            pred = lcm_model_output(unet, x_t, timestep, cond, neg, s.guidance_scale)
-                            out = lcm_step_with_logprob(state.scheduler, pred, timestep, prev_t[tj].to(device), x_t, prev_sample=x_prev)
-                        else:
-                            out = step_log_prob(
-                                unet,
-                                state.scheduler,
-                                x_t,
-                                timestep,
-                                x_prev,
-                                cond,
-                                neg,
-                                num_steps=s.num_steps,
-                                eta=s.eta,
-                                guidance_scale=s.guidance_scale,
-                            )
-                    if t.algorithm == "ddpo":
-                        res = ddpo_loss(out.log_prob, lp_old, adv, **kw)
-                    else:
-                        res = pxpo_loss(out.log_prob, lp_old, adv, ratio=t.ratio, **kw)
-                    acc.backward(res.loss)
-                    window_finite &= bool(torch.isfinite(res.loss))
-                    if acc.sync_gradients:
-                        # guardrail: the same decision on every process (gradients are all-reduced)
-                        gn = float(acc.clip_grad_norm_(state.params, t.max_grad_norm))
-                        if acc.num_processes > 1:  # a non-finite loss on any process skips the step on all
-                            window_finite = bool(acc.reduce(torch.tensor(float(window_finite), device=device), "sum") == acc.num_processes)
-                        if getattr(acc, "scaler", None) is not None and window_finite and not math.isfinite(gn):
-                            state.optimizer.step()  # fp16 overflow: GradScaler skips the step and lowers its scale
-                        elif guard.check(gn, window_finite, where=f"training epoch {epoch}"):
-                            state.optimizer.step()
-                            logs["grad_norm"].append(gn)
-                        window_finite = True
-                    state.optimizer.zero_grad(set_to_none=True)
-                for k, v in (("loss", res.loss), ("approx_kl", res.approx_kl), ("clipfrac", res.clipfrac), ("ratio", res.ratio_mean)):
-                    if math.isfinite(v.item()):
-                        logs[k].append(v.item())
-                bar.update(1)
+        time_perm = torch.stack([trained[torch.randperm(len(trained), generator=g)] for _ in range(n_global)])[shard(n_global, rank, world)]
+        for w in range(0, len(batches), gas):  # one optimizer step: gas micro-batches x n_train_t timesteps
+            s_idx, j_idx = [], []
+            for global_idx in batches[w : w + gas]:
+                idx = global_idx[rank * local_b : (rank + 1) * local_b] - rank * n
+                for j in range(n_train_t):
+                    s_idx.append(idx)
+                    j_idx.append(time_perm[idx, j])
+            runner.step(torch.cat(s_idx), torch.cat(j_idx), bar)
     bar.close()
-    out = {k: (sum(v) / len(v) if v else float("nan")) for k, v in logs.items()}
-    out["optimizer_steps"] = len(logs["grad_norm"])
+    out = runner.logs()
     out["skipped_steps"] = guard.skipped - skipped_before
+    out.update(health.metrics())
     return out
 
 
 def _select(traj: Trajectories, part: slice) -> Trajectories:
     """This process's block of a staged epoch's trajectories."""
-    import dataclasses
-
-    per_sample = {f: getattr(traj, f)[part] for f in ("latents", "log_probs", "prompt_embeds", "prompts", "seeds")}
-    images = traj.images[part] if traj.images.shape[0] == len(traj) else traj.images
-    return dataclasses.replace(traj, **per_sample, images=images)
+    return traj.select(part)
 
 
 def run(
@@ -215,10 +189,15 @@ def run(
     """
     run_dir = Path(cfg.output_dir)
     acc = state.accelerator
-    stat_tracker = PerPromptStatTracker(
-        cfg.train.buffer_size, cfg.train.min_count, cfg.train.baseline, max_bytes=int(cfg.train.tracker_max_mb * 2**20)
-    )
+    if cfg.train.advantage_mode == "group":  # GRPO: within each epoch's groups of sample.group_size
+        stat_tracker = GroupRelative(cfg.train.baseline, cfg.train.group_std)
+    else:
+        stat_tracker = PerPromptStatTracker(
+            cfg.train.buffer_size, cfg.train.min_count, cfg.train.baseline, max_bytes=int(cfg.train.tracker_max_mb * 2**20)
+        )
     acc.register_for_checkpointing(stat_tracker)
+    # train.kl_coef > 0: the reference policy (pxpo.reference), taken before any state is loaded (= the base model)
+    state.extras.setdefault("kl_reference", Reference.build(state, cfg.train))
 
     start_epoch = 0
     ck = latest_checkpoint(run_dir) if resume else None
@@ -256,21 +235,25 @@ def run(
                 )
             epoch_prompts, local = list(traj.prompts), _select(traj, mine) if world > 1 else traj
             t_sample = t_label = 0.0
+            info = {}
         else:
             # ---------------- SAMPLING ----------------
             t0 = time.perf_counter()
             # Sample i of the epoch has the prompt and noise of global index i whatever the number of
             # processes; this process rolls out its block, sample.batch_size / N per UNet batch.
-            epoch_prompts = prompts.draw(n_global, sample_seed(cfg.seed, epoch, 0, 0))
+            epoch_prompts = prompts.draw_groups(n_global, cfg.sample.group_size, sample_seed(cfg.seed, epoch, 0, 0))
             seeds = [sample_seed(cfg.seed, epoch, 0, i) for i in range(n_global)]
             pipe.unet = acc.unwrap_model(state.unet)
             with acc.autocast():
-                local = sample_trajectories(pipe, cfg, epoch_prompts[mine], seeds[mine], batch_size=cfg.sample.batch_size // world)
+                local = sample_trajectories(
+                    pipe, cfg, epoch_prompts[mine], seeds[mine], batch_size=cfg.sample.batch_size // world,
+                    policy=state.policy, compute=state.sample_compute, network=(state.compiled or {}).get("sample"),
+                )
             t_sample = time.perf_counter() - t0
 
             # ---------------- LABELLING ----------------
             t0 = time.perf_counter()
-            maps, _ = label_images(labeller, local.images, local.prompts, where=f"reward labeller {cfg.reward.name!r}")
+            maps, info = label_images(labeller, local.images, local.prompts, where=f"reward labeller {cfg.reward.describe()!r}")
             t_label = time.perf_counter() - t0
 
         # ---------------- ADVANTAGES ----------------
@@ -295,6 +278,7 @@ def run(
             "reward_mean": scalar.mean().item(),
             "reward_std": scalar.std(unbiased=False).item(),
             "samples_seen": (epoch + 1) * n_global,
+            **mean_over_processes(acc, component_means(info)),  # reward_<key> of each of several reward components
             **train_logs,
             "time_sample": t_sample,
             "time_label": t_label,
@@ -307,7 +291,8 @@ def run(
             if progress:
                 print(
                     f"epoch {epoch:3d}  reward {metrics['reward_mean']:.4f} +- {metrics['reward_std']:.4f}  "
-                    f"kl {metrics['approx_kl']:.2e}  clipfrac {metrics['clipfrac']:.3f}  "
+                    f"kl {metrics.get('approx_kl', float('nan')):.2e}  clipfrac {metrics.get('clipfrac', float('nan')):.3f} "
+                    f"(element {metrics.get('clipfrac_element', float('nan')):.3f}, mean {metrics.get('clipfrac_mean', float('nan')):.3f})  "
                     f"sample {t_sample:.1f}s  train {t_train:.1f}s",
                     flush=True,
                 )

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -20,13 +20,25 @@ from .config import Config
 
 @dataclass
 class TrainState:
-    """Everything the optimisation needs besides the data."""
+    """Everything the optimisation needs besides the data.
+
+    ``policy``: the :class:`pxpo.core.policy.Policy` the run samples and trains
+    with (built once from ``cfg.sample`` and the scheduler). ``train_compute`` /
+    ``sample_compute``: the run's :class:`pxpo.compute_batch.ComputeBatch`es
+    (``auto`` measures once per run). ``compiled``: with ``train.compile``, the
+    torch.compile'd networks the denoisers call (``unet`` itself stays as is).
+    """
 
     accelerator: object
     unet: torch.nn.Module
     optimizer: torch.optim.Optimizer
     params: list[torch.nn.Parameter]
     scheduler: object
+    policy: object = None
+    train_compute: object = None
+    sample_compute: object = None
+    compiled: dict | None = None  # train.compile: {"train": torch.compile(unet), "sample": torch.compile(unwrapped unet)}
+    extras: dict = field(default_factory=dict)  # room for other helpers (e.g. a reference policy)
 
 
 def build_train_state(cfg: Config, accelerator=None):
@@ -39,22 +51,22 @@ def build_train_state(cfg: Config, accelerator=None):
     from accelerate import Accelerator
 
     from .distributed import check_accelerator, check_divisible
-    from .core.lcm import trained_transitions
-    from .models import add_lora, load_configured_pipeline, resolve_dtype
+    from .compute_batch import ComputeBatch
+    from .core.policy import make_policy
+    from .models import add_lora, compile_network, load_configured_pipeline, resolve_dtype
 
     t = cfg.train
     if accelerator is None:
         mp = t.mixed_precision
         if mp == "auto":
             mp = "fp16" if torch.cuda.is_available() else "no"
-        n_train_t = max(1, int(trained_transitions(cfg.sample.sampler, cfg.sample.num_steps) * t.timestep_fraction))
         # cpu=True on a machine without CUDA: under torchrun (WORLD_SIZE > 1) Accelerate then forms a gloo
         # group instead of starting N independent runs; on GPUs torchrun's LOCAL_RANK selects NCCL.
-        accelerator = Accelerator(
-            mixed_precision=mp,
-            gradient_accumulation_steps=t.gradient_accumulation_steps * n_train_t,
-            cpu=not torch.cuda.is_available(),
-        )
+        # No gradient accumulation here: pxpo.train_step scales and syncs each optimizer step's chunks itself.
+        accelerator = Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available())
+    if accelerator.device.type == "cuda":  # TF32 matmuls and convolutions (Ampere and later): fp32 LoRA weights and VAE
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     check_accelerator(accelerator)
     check_divisible(cfg.sample.batch_size, t.batch_size, accelerator.num_processes)
     mp = accelerator.mixed_precision
@@ -62,6 +74,8 @@ def build_train_state(cfg: Config, accelerator=None):
     if cfg.model.dtype != "auto":
         weight_dtype = resolve_dtype(cfg.model.dtype, accelerator.device)
     pipe = load_configured_pipeline(cfg, device=accelerator.device, dtype=weight_dtype)
+    policy = make_policy(cfg.sample, pipe.scheduler)
+    _ = policy.trained_steps  # a policy with nothing to train refuses here (one-step LCM)
     unet = pipe.unet
     torch.manual_seed(cfg.seed)  # LoRA's A matrices are drawn at random: same seed, same start
     if t.use_lora:
@@ -77,7 +91,21 @@ def build_train_state(cfg: Config, accelerator=None):
         eps=t.adam_epsilon,
     )
     unet, optimizer = accelerator.prepare(unet, optimizer)
-    return pipe, TrainState(accelerator, unet, optimizer, params, pipe.scheduler)
+    compiled = None
+    if t.compile:  # the modules stay as they are (saving, unwrapping, no_sync); the denoisers call these
+        compiled = {"train": compile_network(unet), "sample": compile_network(accelerator.unwrap_model(unet))}
+    dev = accelerator.device
+    return pipe, TrainState(
+        accelerator,
+        unet,
+        optimizer,
+        params,
+        pipe.scheduler,
+        policy=policy,
+        train_compute=ComputeBatch(t.compute_batch, dev, "train.compute_batch"),
+        sample_compute=ComputeBatch(cfg.sample.compute_batch, dev, "sample.compute_batch"),
+        compiled=compiled,
+    )
 
 
 def save_policy(state: TrainState, cfg: Config, out_dir: Path) -> None:

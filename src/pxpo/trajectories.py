@@ -8,6 +8,10 @@ Format ``pxpo-trajectories`` version 1 (documented in docs/trajectory-format.md)
                                  timesteps (T,) i64, in sampling order
                                  prompt_embeds (N, L, D) f32
                                  negative_prompt_embeds (1, L, D) f32
+                                 optional (SDXL; absent for SD 1.x/2.x):
+                                 pooled_prompt_embeds (N, P) f32,
+                                 negative_pooled_prompt_embeds (1, P) f32,
+                                 time_ids (N, 6) f32, negative_time_ids (1, 6) f32
       samples.jsonl              {"index", "prompt", "seed", "image"} per sample
       images/000000.png ...      decoded x_0, 8-bit RGB
       meta.json                  model, sampler, scheduler config, steps, eta,
@@ -28,6 +32,7 @@ import numpy as np
 import torch
 
 from . import __version__
+from .core.policy import Cond
 from .errors import PxpoInputError
 from .storage import atomic_dir, atomic_file
 
@@ -35,6 +40,8 @@ FORMAT = "pxpo-trajectories"
 FORMAT_VERSION = 1
 TENSORS = "trajectories.safetensors"
 MAPS = "reward_maps.safetensors"
+OPTIONAL = ("pooled_prompt_embeds", "negative_pooled_prompt_embeds", "time_ids", "negative_time_ids")  # None unless the model uses them
+PER_SAMPLE = ("latents", "log_probs", "prompt_embeds", "pooled_prompt_embeds", "time_ids", "prompts", "seeds")
 
 
 @dataclass
@@ -47,6 +54,8 @@ class Trajectories:
         prompts: N strings; seeds: N ints (each sample's noise seed).
         images: (N, 3, H, W) float in [0, 1], quantised to 8 bits.
         meta: sampler settings (see module docstring).
+        pooled_prompt_embeds: (N, P) or None; negative_pooled_prompt_embeds: (1, P) or None.
+        time_ids: (N, 6) or None; negative_time_ids: (1, 6) or None (SDXL's added time ids).
     """
 
     latents: torch.Tensor
@@ -58,9 +67,30 @@ class Trajectories:
     seeds: list[int]
     images: torch.Tensor
     meta: dict = field(default_factory=dict)
+    pooled_prompt_embeds: torch.Tensor | None = None
+    negative_pooled_prompt_embeds: torch.Tensor | None = None
+    time_ids: torch.Tensor | None = None
+    negative_time_ids: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.latents.shape[0]
+
+    def cond(self, idx=slice(None)) -> Cond:
+        """The conditioning of samples ``idx``: embeds (B, L, D), pooled (B, P) / time_ids (B, 6) or None."""
+        pooled, time_ids = self.pooled_prompt_embeds, self.time_ids
+        return Cond(self.prompt_embeds[idx], None if pooled is None else pooled[idx], None if time_ids is None else time_ids[idx])
+
+    def uncond(self) -> Cond:
+        """The negative prompt's conditioning (1 row)."""
+        return Cond(self.negative_prompt_embeds, self.negative_pooled_prompt_embeds, self.negative_time_ids)
+
+    def select(self, part) -> Trajectories:
+        """Samples ``part`` (a slice) of every per-sample field; images too when there is one per sample."""
+        import dataclasses
+
+        per_sample = {f: (None if getattr(self, f) is None else getattr(self, f)[part]) for f in PER_SAMPLE}
+        images = self.images[part] if self.images.shape[0] == len(self) else self.images
+        return dataclasses.replace(self, **per_sample, images=images)
 
 
 def quantize_images(images: torch.Tensor) -> torch.Tensor:
@@ -102,6 +132,7 @@ def save_trajectories(traj: Trajectories, out_dir: Path) -> None:
                 "timesteps": traj.timesteps.long().contiguous().cpu(),
                 "prompt_embeds": traj.prompt_embeds.float().contiguous().cpu(),
                 "negative_prompt_embeds": traj.negative_prompt_embeds.float().contiguous().cpu(),
+                **{k: getattr(traj, k).float().contiguous().cpu() for k in OPTIONAL if getattr(traj, k) is not None},
             },
             str(tmp / TENSORS),
             metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)},
@@ -171,8 +202,9 @@ def load_trajectories(d: Path, with_images: bool = True) -> Trajectories:
     for k, shape in checks.items():
         if tuple(t[k].shape) != shape:
             raise PxpoInputError(f"{d / TENSORS}: {k}", f"shape {tuple(t[k].shape)}, expected {shape}", fix)
-    if t["prompt_embeds"].shape[0] != n:
-        raise PxpoInputError(f"{d / TENSORS}: prompt_embeds", f"{t['prompt_embeds'].shape[0]} rows for {n} samples", fix)
+    for k in ("prompt_embeds", "pooled_prompt_embeds", "time_ids"):
+        if k in t and t[k].shape[0] != n:
+            raise PxpoInputError(f"{d / TENSORS}: {k}", f"{t[k].shape[0]} rows for {n} samples", fix)
     for k in ("latents", "log_probs"):
         if not torch.isfinite(t[k]).all():
             raise PxpoInputError(f"{d / TENSORS}: {k}", "contains NaN or inf", "re-sample (check the model and eta)")
@@ -196,6 +228,7 @@ def load_trajectories(d: Path, with_images: bool = True) -> Trajectories:
         seeds=[int(r["seed"]) for r in records],
         images=images,
         meta=meta,
+        **{k: t.get(k) for k in OPTIONAL},
     )
 
 

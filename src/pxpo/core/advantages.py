@@ -156,3 +156,70 @@ class PerPromptStatTracker:
         chunks = state["values"].float().split(state["lengths"]) if state["prompts"] else []
         for k, chunk in zip(state["prompts"], chunks):
             self.buffers[k] = deque(chunk.unbind(0), maxlen=self.buffer_size)
+
+
+GROUP_EPS = 1e-4  # Flow-GRPO's stat tracker adds 1e-4 to the std
+
+
+def group_advantages(
+    prompts: Sequence[str], rewards: torch.Tensor, *, baseline: str = "position", std: str = "group", eps: float = GROUP_EPS
+) -> torch.Tensor:
+    """Group-relative advantages (GRPO; Flow-GRPO arXiv 2505.05470 eq. 4) of one epoch's rewards.
+
+    A group is every sample of the epoch with the same prompt (``sample.group_size``
+    draws each prompt G times). Rewards (B, *S): S = () scalars, (h, w) maps.
+
+    * baseline: the group's mean; per position for maps with ``"position"``
+      (mean over the group's maps, (h, w)), one mean with ``"scalar"``.
+    * ``std="group"``: the spread is one population std of the group's RESIDUALS
+      (r - group mean) over all its values, as the per-prompt tracker does
+      (ALGORITHMS.md 2.2): a fixed spatial pattern that the baseline removes does
+      not shrink the advantages.
+    * ``std="global"``: Flow-GRPO's reference (``global_std``): one std over the
+      whole epoch, of the residuals from the EPOCH's mean (per position for maps);
+      for scalars this is np.std of all rewards.
+
+    A = (r - mean_group) / (spread + eps). No state: every epoch stands alone.
+    Constant maps give exactly the scalar advantages (I5).
+    """
+    if len(prompts) != rewards.shape[0]:
+        raise ValueError(f"{len(prompts)} prompts for {rewards.shape[0]} rewards")
+    if std not in ("group", "global"):
+        raise ValueError(f"std must be 'group' or 'global', got {std!r}")
+    r = rewards.detach().cpu().double()
+    adv = torch.empty_like(r)
+    global_spread = _stats(r, baseline)[1] if std == "global" else None
+    for prompt in dict.fromkeys(prompts):
+        idx = torch.tensor([i for i, p in enumerate(prompts) if p == prompt])
+        mean, spread = _stats(r[idx], baseline)
+        adv[idx] = (r[idx] - mean) / ((spread if global_spread is None else global_spread) + eps)
+    return adv.float()
+
+
+class GroupRelative:
+    """GRPO's advantage estimator with the tracker's interface (``update``, ``stats``, state dicts).
+
+    Args:
+        baseline: ``"position"`` or ``"scalar"`` (see :func:`group_advantages`).
+        std: ``"group"`` or ``"global"``.
+    """
+
+    def __init__(self, baseline: str = "position", std: str = "group", eps: float = GROUP_EPS):
+        if baseline not in ("position", "scalar"):
+            raise ValueError(f"baseline must be 'position' or 'scalar', got {baseline!r}")
+        self.baseline, self.std, self.eps = baseline, std, eps
+        self.last_group_size = 0.0
+
+    def update(self, prompts: Sequence[str], rewards: torch.Tensor) -> torch.Tensor:
+        """Advantages (B, *S) float32 of this epoch's rewards (B, *S)."""
+        self.last_group_size = len(prompts) / max(1, len(set(prompts)))
+        return group_advantages(prompts, rewards, baseline=self.baseline, std=self.std, eps=self.eps)
+
+    def stats(self) -> dict:
+        return {"mean_group_size": self.last_group_size}
+
+    def state_dict(self) -> dict:  # stateless across epochs; kept for checkpointing symmetry
+        return {"baseline": self.baseline, "std": self.std, "eps": self.eps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.baseline, self.std, self.eps = state["baseline"], state["std"], state["eps"]

@@ -32,36 +32,12 @@ with sigma > 0 (its mean then equals diffusers' step with
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 import torch
 
 from ..errors import PxpoInputError
+from .policy import PolicyBase, StepOutput, batch_randn, gaussian_log_prob, register_policy
 
-_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
-
-
-@dataclass
-class StepOutput:
-    """Result of one stochastic DDIM step.
-
-    Attributes:
-        prev_sample: x_{t-1}, (B, C, h, w); the sampled action, or the given one.
-        log_prob: per-element log N(x_{t-1}; mean, std^2), (B, C, h, w).
-        mean: mu, (B, C, h, w).
-        std: sigma_t broadcastable to (B, C, h, w), i.e. (B, 1, 1, 1).
-    """
-
-    prev_sample: torch.Tensor
-    log_prob: torch.Tensor
-    mean: torch.Tensor
-    std: torch.Tensor
-
-
-def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """Element-wise log N(x; mean, std^2): -(x-mean)^2/(2 std^2) - log std - log(2 pi)/2."""
-    return -((x - mean) ** 2) / (2 * std**2) - torch.log(std) - _HALF_LOG_2PI
+__all__ = ["DDIMPolicy", "StepOutput", "batch_randn", "check_eta", "ddim_step_with_logprob", "gaussian_log_prob"]
 
 
 def _abar(scheduler, t: torch.Tensor) -> torch.Tensor:
@@ -84,19 +60,6 @@ def dynamic_threshold(x0: torch.Tensor, ratio: float, max_value: float) -> torch
     s = torch.quantile(flat.abs().double(), ratio, dim=1).to(x0.dtype)
     s = s.clamp(min=1, max=max_value).view((b,) + (1,) * (x0.ndim - 1))
     return torch.maximum(torch.minimum(x0, s), -s) / s
-
-
-def batch_randn(shape: tuple[int, ...], generator=None) -> torch.Tensor:
-    """Standard normal noise of ``shape`` (B, ...) on CPU.
-
-    ``generator`` may be one torch.Generator or a list of B generators (one per
-    sample, so each sample is reproducible from its own seed alone).
-    """
-    if isinstance(generator, (list, tuple)):
-        if len(generator) != shape[0]:
-            raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}")
-        return torch.stack([torch.randn(shape[1:], generator=g) for g in generator])
-    return torch.randn(shape, generator=generator)
 
 
 def check_eta(eta: float, what: str = "sample.eta") -> None:
@@ -185,3 +148,32 @@ def ddim_step_with_logprob(
     prev_sample = prev_sample.detach().float()
     log_prob = gaussian_log_prob(prev_sample, mean, std)
     return StepOutput(prev_sample=prev_sample.to(sample.dtype), log_prob=log_prob, mean=mean, std=std)
+
+
+@register_policy("ddim")
+class DDIMPolicy(PolicyBase):
+    """Stochastic DDIM as a :class:`pxpo.core.policy.Policy`: every one of the T transitions is trained.
+
+    Args:
+        scheduler: a DDIMScheduler; ``set_timesteps(num_steps)`` is called here.
+        num_steps: T; eta: > 0; guidance_scale: w (the same at sampling and training time).
+    """
+
+    scheduler_class = "DDIMScheduler"
+
+    def __init__(self, scheduler, num_steps: int, eta: float, guidance_scale: float):
+        check_eta(eta)
+        self.scheduler, self.num_steps, self.eta, self.guidance_scale = scheduler, num_steps, eta, guidance_scale
+        scheduler.set_timesteps(num_steps)
+        self.timesteps = scheduler.timesteps.detach().clone().long().cpu()
+        self.trained_steps = torch.arange(num_steps)
+
+    @classmethod
+    def from_config(cls, sample_cfg, scheduler) -> DDIMPolicy:
+        return cls(scheduler, sample_cfg.num_steps, sample_cfg.eta, sample_cfg.guidance_scale)
+
+    def step(self, model_output, step_index, x_t, x_prev=None, generator=None) -> StepOutput:
+        t = self.timesteps.to(x_t.device)[step_index.to(x_t.device)]
+        return ddim_step_with_logprob(
+            self.scheduler, model_output, t, x_t, self.num_steps, eta=self.eta, prev_sample=x_prev, generator=generator
+        )

@@ -27,22 +27,11 @@ is ~1/0.03 times larger than the others'). The loss leaves it out
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from .ddim import batch_randn, gaussian_log_prob
+from .policy import Cond, Denoiser, PolicyBase, StepOutput, batch_randn, gaussian_log_prob, register_policy
 
-
-@dataclass
-class LCMStepOutput:
-    """prev_sample, log_prob, mean: (B, C, h, w); std: (B, 1, 1, 1); denoised: f_theta(x_t), (B, C, h, w)."""
-
-    prev_sample: torch.Tensor
-    log_prob: torch.Tensor
-    mean: torch.Tensor
-    std: torch.Tensor
-    denoised: torch.Tensor
+LCMStepOutput = StepOutput  # prev_sample, log_prob, mean (B, C, h, w); std (B, 1, 1, 1); denoised: f_theta(x_t)
 
 
 def boundary_scalings(t: torch.Tensor, timestep_scaling: float = 10.0, sigma_data: float = 0.5):
@@ -148,23 +137,62 @@ def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
     return emb
 
 
-def lcm_model_output(unet, x, t, cond, uncond, guidance_scale: float):
-    """UNet output for a consistency step.
+class LCMDenoiser(Denoiser):
+    """The UNet call of a consistency step.
 
     With a w-embedding UNet (``config.time_cond_proj_dim`` set): one pass with
     ``timestep_cond`` = embedding of (guidance_scale - 1), as diffusers' LCM
     pipeline does. Otherwise two-pass classifier-free guidance batched in one call.
     """
-    from .sampling import guided_model_output
 
-    dim = getattr(getattr(unet, "module", unet).config, "time_cond_proj_dim", None)  # a DDP-wrapped UNet has .module
-    if dim:
+    def __call__(self, x, t, cond, uncond=None, guidance_scale=1.0, **kwargs):
+        dim = getattr(self.config, "time_cond_proj_dim", None)
+        if not dim:
+            return super().__call__(x, t, cond, uncond, guidance_scale, **kwargs)
         b = x.shape[0]
-        t = torch.as_tensor(t, device=x.device)
-        t = t.expand(b) if t.ndim == 0 else t
-        wc = guidance_embedding(torch.full((b,), guidance_scale - 1.0, device=x.device), dim).to(x.dtype)
-        return unet(x, t, timestep_cond=wc, encoder_hidden_states=cond).sample
-    return guided_model_output(unet, x, t, cond, uncond, guidance_scale)
+        dtype = self.dtype or x.dtype
+        wc = guidance_embedding(torch.full((b,), guidance_scale - 1.0, device=x.device), dim).to(dtype)
+        return super().__call__(x, t, cond, None, 1.0, timestep_cond=wc, **kwargs)
+
+
+def lcm_model_output(unet, x, t, cond, uncond, guidance_scale: float):
+    """UNet output for a consistency step (:class:`LCMDenoiser`); cond (B, L, D), uncond (1 or B, L, D) or None."""
+    return LCMDenoiser(unet)(x, t, Cond(cond), None if uncond is None else Cond(uncond), guidance_scale)
+
+
+@register_policy("lcm")
+class LCMPolicy(PolicyBase):
+    """Multi-step consistency sampling as a :class:`pxpo.core.policy.Policy` (RLCM).
+
+    Transition j re-noises f_theta(x_{t_j}) to the next timestep; the last one
+    (after the rewarded f_theta output) is sampled and stored but not trained
+    (:func:`trained_transitions`). ``Rollout.final`` is the last f_theta output.
+    """
+
+    scheduler_class = "LCMScheduler"
+
+    def __init__(self, scheduler, num_steps: int, guidance_scale: float):
+        self.scheduler, self.num_steps, self.guidance_scale = scheduler, num_steps, guidance_scale
+        scheduler.set_timesteps(num_steps)
+        self.timesteps = scheduler.timesteps.detach().clone().long().cpu()
+        self.prev = prev_timesteps(self.timesteps)
+
+    @classmethod
+    def from_config(cls, sample_cfg, scheduler) -> LCMPolicy:
+        return cls(scheduler, sample_cfg.num_steps, sample_cfg.guidance_scale)
+
+    @property
+    def trained_steps(self) -> torch.Tensor:
+        return torch.arange(trained_transitions("lcm", len(self.timesteps)))
+
+    def denoiser(self, net, dtype=None) -> LCMDenoiser:
+        return LCMDenoiser(net, dtype)
+
+    def step(self, model_output, step_index, x_t, x_prev=None, generator=None) -> StepOutput:
+        dev = x_t.device
+        j = step_index.to(dev)
+        t, tp = self.timesteps.to(dev)[j], self.prev.to(dev)[j]
+        return lcm_step_with_logprob(self.scheduler, model_output, t, tp, x_t, prev_sample=x_prev, generator=generator)
 
 
 @torch.no_grad()
@@ -179,30 +207,15 @@ def sample_lcm(
     guidance_scale: float,
     generator=None,
 ):
-    """Sample N trajectories of n consistency steps with per-element log-probs.
+    """Sample N trajectories of n consistency steps with per-element log-probs (:class:`LCMPolicy`).
 
     Returns:
         (Rollout with latents (N, n+1, C, h, w) = x_T, re-noised x_{t_2}, ...,
         the last action; log_probs (N, n, C, h, w); timesteps (n,)),
         denoised (N, C, h, w): the last f_theta output, which is decoded for the reward.
     """
-    from .sampling import Rollout
-
-    n = cond.shape[0]
-    device = cond.device
-    dtype = unet.dtype
-    scheduler.set_timesteps(num_steps, device=device)
-    ts = scheduler.timesteps.long()
-    prev = prev_timesteps(ts)
-    x = batch_randn((n, *latent_shape), generator).to(device) * scheduler.init_noise_sigma
-    latents, log_probs = [x.float()], []
-    denoised = None
-    for t, tp in zip(ts, prev):
-        out = lcm_model_output(unet, x.to(dtype), t, cond.to(dtype), None if uncond is None else uncond.to(dtype), guidance_scale)
-        step = lcm_step_with_logprob(scheduler, out, t, tp, x, generator=generator)
-        x = step.prev_sample
-        denoised = step.denoised
-        latents.append(x)
-        log_probs.append(step.log_prob)
-    roll = Rollout(latents=torch.stack(latents, 1), log_probs=torch.stack(log_probs, 1), timesteps=ts.detach().clone().cpu())
-    return roll, denoised
+    policy = LCMPolicy(scheduler, num_steps, guidance_scale)
+    roll = policy.sample(
+        policy.denoiser(unet, unet.dtype), Cond(cond), None if uncond is None else Cond(uncond), latent_shape, generator
+    )
+    return roll, roll.final

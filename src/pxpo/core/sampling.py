@@ -1,32 +1,34 @@
-"""Sampling trajectories with per-element log-probs (the policy's rollouts).
+"""Prompt encoding, decoding, and the DDIM policy as plain functions over tensors.
+
+The loop uses a :class:`pxpo.core.policy.Policy` (:func:`pxpo.core.policy.make_policy`);
+:func:`sample_ddim`, :func:`step_log_prob` and :func:`guided_model_output` are
+the same computations for callers holding bare tensors (tests, benchmarks).
 
 Shapes: N samples, T denoising steps, latents (C, h, w), text embeddings
-(L tokens, D features), images (3, H, W) with H = h * vae_factor.
+(L tokens, D features), pooled embeddings (P), images (3, H, W) with
+H = h * vae_factor.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 
-from .ddim import StepOutput, batch_randn, check_eta, ddim_step_with_logprob
+from .ddim import DDIMPolicy, StepOutput
+from .policy import Cond, Denoiser, Rollout
+
+__all__ = ["Rollout", "decode_latents", "encode_cond", "encode_prompts", "guided_model_output", "sample_ddim", "step_log_prob"]
 
 
-@dataclass
-class Rollout:
-    """A batch of sampled trajectories.
-
-    Attributes:
-        latents: x_T .. x_0, (N, T+1, C, h, w), float32.
-        log_probs: per-element log pi(x_{t-1} | x_t, c), (N, T, C, h, w), float32.
-        timesteps: the scheduler timesteps t_1..t_T in sampling order, (T,) int64.
-    """
-
-    latents: torch.Tensor
-    log_probs: torch.Tensor
-    timesteps: torch.Tensor
+def _token_ids(tokenizer, prompts: Sequence[str], device) -> torch.Tensor:
+    return tokenizer(
+        list(prompts),
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids.to(device)
 
 
 def encode_prompts(tokenizer, text_encoder, prompts: Sequence[str]) -> torch.Tensor:
@@ -34,56 +36,76 @@ def encode_prompts(tokenizer, text_encoder, prompts: Sequence[str]) -> torch.Ten
 
     Pads to ``tokenizer.model_max_length`` like Stable Diffusion pipelines.
     """
-    ids = tokenizer(
-        list(prompts),
-        padding="max_length",
-        max_length=tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids.to(text_encoder.device)
-    return text_encoder(ids)[0]
+    return text_encoder(_token_ids(tokenizer, prompts, text_encoder.device))[0]
 
 
-def guided_model_output(
-    unet,
-    x: torch.Tensor,
-    t: torch.Tensor | int,
-    cond: torch.Tensor,
-    uncond: torch.Tensor | None,
-    guidance_scale: float,
-) -> torch.Tensor:
-    """UNet output with classifier-free guidance, cond and uncond in ONE UNet call.
+def encode_sdxl(pipe, prompts: Sequence[str], image_hw: tuple[int, int]) -> Cond:
+    """SDXL's conditioning, as :meth:`diffusers.StableDiffusionXLPipeline.encode_prompt` builds it.
 
-    Args:
-        x: (B, C, h, w) noisy latents; t: int or (B,) timesteps.
-        cond: (B, L, D) prompt embeddings; uncond: (B, L, D) or (1, L, D)
-            negative-prompt embeddings, or None for no guidance.
-        guidance_scale: w; eps = eps_u + w (eps_c - eps_u). w <= 1 or no
-            ``uncond`` means a single conditional pass.
-
-    Returns:
-        (B, C, h, w) guided prediction (same parametrisation as the UNet).
+    embeds: both encoders' penultimate hidden states concatenated, (B, L, D1 + D2);
+    pooled: text_encoder_2's projected pooled output, (B, P); time_ids: (B, 6) =
+    (H, W) original size, (0, 0) crop, (H, W) target size in pixels.
     """
-    b = x.shape[0]
-    t = torch.as_tensor(t, device=x.device)
-    if t.ndim == 0:
-        t = t.expand(b)
-    if uncond is None or guidance_scale <= 1.0:
-        return unet(x, t, encoder_hidden_states=cond).sample
-    uncond = uncond.expand(b, -1, -1)
-    out = unet(
-        torch.cat([x, x]), torch.cat([t, t]), encoder_hidden_states=torch.cat([uncond, cond])
-    ).sample
-    out_u, out_c = out.chunk(2)
-    return out_u + guidance_scale * (out_c - out_u)
+    hidden, pooled = [], None
+    for tok, enc in ((pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2)):
+        if tok is None or enc is None:
+            continue
+        out = enc(_token_ids(tok, prompts, enc.device), output_hidden_states=True)
+        if out[0].ndim == 2:  # CLIPTextModelWithProjection's text_embeds (text_encoder_2)
+            pooled = out[0]
+        hidden.append(out.hidden_states[-2])
+    embeds = torch.cat(hidden, dim=-1)
+    h, w = image_hw
+    time_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=embeds.dtype, device=embeds.device).expand(len(prompts), 6)
+    return Cond(embeds, pooled, time_ids)
+
+
+def encode_cond(pipe, prompts: Sequence[str], *, negative: bool = False) -> Cond:
+    """The :class:`Cond` of ``prompts`` (B rows) for ``pipe``'s model family.
+
+    SD 1.x/2.x: ``embeds`` only. SD3: :func:`pxpo.core.flow.encode_sd3` (embeds, pooled). SDXL (a ``text_encoder_2`` and a UNet with
+    ``addition_embed_type: text_time``): :func:`encode_sdxl`; with ``negative``
+    and an empty negative prompt, zeros when the pipeline's
+    ``force_zeros_for_empty_prompt`` is set, as diffusers' SDXL pipeline does.
+    """
+    if getattr(pipe, "transformer", None) is not None and hasattr(pipe, "text_encoder_3"):  # SD3: the pipeline's own encoding
+        from .flow import encode_sd3
+
+        return encode_sd3(pipe, prompts)
+    unet = getattr(pipe, "unet", None)
+    if getattr(pipe, "text_encoder_2", None) is not None and getattr(getattr(unet, "config", None), "addition_embed_type", None) == "text_time":
+        hw = tuple(s * pipe.vae_scale_factor for s in latent_hw(unet.config))
+        c = encode_sdxl(pipe, prompts, hw)
+        if negative and all(p == "" for p in prompts) and getattr(pipe.config, "force_zeros_for_empty_prompt", False):
+            c = Cond(torch.zeros_like(c.embeds), torch.zeros_like(c.pooled), c.time_ids)
+        return c
+    return Cond(encode_prompts(pipe.tokenizer, pipe.text_encoder, prompts))
+
+
+def latent_hw(net_config) -> tuple[int, int]:
+    """(h, w) of the latents a network's config declares (``sample_size``: int or pair)."""
+    size = net_config.sample_size
+    return (size, size) if isinstance(size, int) else tuple(size)
+
+
+def _cond(x: torch.Tensor | Cond | None) -> Cond | None:
+    return x if x is None or isinstance(x, Cond) else Cond(x)
+
+
+def guided_model_output(unet, x, t, cond, uncond, guidance_scale: float) -> torch.Tensor:
+    """UNet output with classifier-free guidance, cond and uncond in ONE call (:class:`pxpo.core.policy.Denoiser`).
+
+    x: (B, C, h, w); t: int or (B,); cond: (B, L, D) or a Cond; uncond: (1 or B, L, D), a Cond or None.
+    """
+    return Denoiser(unet)(x, t, _cond(cond), _cond(uncond), guidance_scale)
 
 
 @torch.no_grad()
 def sample_ddim(
     unet,
     scheduler,
-    cond: torch.Tensor,
-    uncond: torch.Tensor | None,
+    cond,
+    uncond,
     *,
     latent_shape: tuple[int, int, int],
     num_steps: int,
@@ -92,66 +114,34 @@ def sample_ddim(
     generator: torch.Generator | list[torch.Generator] | None = None,
     progress: bool = False,
 ) -> Rollout:
-    """Sample N trajectories with stochastic DDIM, keeping every latent and log-prob.
+    """Sample N trajectories with stochastic DDIM, keeping every latent and log-prob (:class:`DDIMPolicy`).
 
     Args:
         unet: UNet2DConditionModel (eval mode).
         scheduler: DDIMScheduler; ``set_timesteps(num_steps)`` is called on it.
-        cond: (N, L, D) prompt embeddings; uncond: (1 or N, L, D) or None.
-        latent_shape: (C, h, w).
-        num_steps: T; eta: > 0; guidance_scale: w.
-        generator: CPU torch.Generator, or a list of N (one per sample), for
-            x_T and every step's noise.
+        cond: (N, L, D) prompt embeddings or a Cond; uncond: (1 or N, L, D), a Cond, or None.
+        latent_shape: (C, h, w). num_steps: T; eta: > 0; guidance_scale: w.
+        generator: CPU torch.Generator, or a list of N (one per sample).
 
     Returns:
         :class:`Rollout` with latents (N, T+1, C, h, w), log_probs (N, T, C, h, w).
     """
-    from tqdm.auto import tqdm
-
-    check_eta(eta)
-    n = cond.shape[0]
-    device = cond.device
-    dtype = unet.dtype
-    scheduler.set_timesteps(num_steps, device=device)
-    x = batch_randn((n, *latent_shape), generator).to(device) * scheduler.init_noise_sigma
-    latents, log_probs = [x.float()], []
-    for t in tqdm(scheduler.timesteps, desc="sampling", disable=not progress, leave=False):
-        out = guided_model_output(unet, x.to(dtype), t, cond.to(dtype), None if uncond is None else uncond.to(dtype), guidance_scale)
-        step = ddim_step_with_logprob(scheduler, out, t, x, num_steps, eta=eta, generator=generator)
-        x = step.prev_sample.float()
-        latents.append(x)
-        log_probs.append(step.log_prob)
-    return Rollout(
-        latents=torch.stack(latents, dim=1),
-        log_probs=torch.stack(log_probs, dim=1),
-        timesteps=scheduler.timesteps.detach().clone().long().cpu(),
-    )
+    policy = DDIMPolicy(scheduler, num_steps, eta, guidance_scale)
+    return policy.sample(policy.denoiser(unet, unet.dtype), _cond(cond), _cond(uncond), latent_shape, generator, progress=progress)
 
 
-def step_log_prob(
-    unet,
-    scheduler,
-    x_t: torch.Tensor,
-    t: torch.Tensor,
-    x_prev: torch.Tensor,
-    cond: torch.Tensor,
-    uncond: torch.Tensor | None,
-    *,
-    num_steps: int,
-    eta: float,
-    guidance_scale: float,
-) -> StepOutput:
+def step_log_prob(unet, scheduler, x_t, t, x_prev, cond, uncond, *, num_steps: int, eta: float, guidance_scale: float) -> StepOutput:
     """Re-score stored actions under the current policy (training time).
 
     Args:
-        x_t: (B, C, h, w); t: (B,) timesteps (may differ per sample);
-        x_prev: stored x_{t-1}, (B, C, h, w); cond, uncond as in sampling
-        (the SAME guidance scale and negative prompt as at sampling time).
+        x_t: (B, C, h, w); t: (B,) scheduler timesteps (may differ per sample);
+        x_prev: stored x_{t-1}, (B, C, h, w); cond, uncond as in sampling.
 
     Returns:
-        :class:`StepOutput` whose ``log_prob`` (B, C, h, w) carries gradients
-        through the UNet.
+        :class:`StepOutput` whose ``log_prob`` (B, C, h, w) carries gradients.
     """
+    from .ddim import ddim_step_with_logprob
+
     out = guided_model_output(unet, x_t, t, cond, uncond, guidance_scale)
     return ddim_step_with_logprob(scheduler, out, t, x_t, num_steps, eta=eta, prev_sample=x_prev)
 

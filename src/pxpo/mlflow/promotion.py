@@ -11,7 +11,12 @@ Gate (all must hold to promote):
 * its drift from the base model (``drift_pixel_l1`` of the evaluation) is at
   most ``register.max_drift``, when that is set (a reward-hacking alarm:
   a policy that maximises the proxy by leaving the base model's images far
-  behind is not promoted).
+  behind is not promoted);
+* no gold reward (``evaluate.gold``: labellers training never sees, such as
+  prompt fidelity on the embedded default) of the policy is lower than the
+  base model's by more than ``register.max_gold_drop``, when that is set:
+  the training reward can rise while what it stood for falls (reward
+  hacking); the decision names the gold reward that fell and by how much.
 
 Idempotent: the model version is keyed by a hash of the policy weights and
 the evaluation, so re-running the stage reuses the version and repeats the
@@ -62,6 +67,28 @@ def read_validation_reports(paths: list[Path]) -> tuple[bool, list[str]]:
     return not failed, failed
 
 
+def gold_gate(metrics: dict, max_drop: float | None, where: str = "metrics.json") -> tuple[bool, str]:
+    """(passed, summary) of the gold gate on an evaluation's ``metrics`` (its ``gold`` = {key: {base, policy}}).
+
+    Passes when ``max_drop`` is None or every gold reward's drop (base - policy)
+    is at most ``max_drop``. The summary names each gold reward, its two values
+    and its drop, the failing ones first.
+    """
+    gold = metrics.get("gold") or {}
+    if max_drop is not None and not gold:
+        raise PxpoInputError(where, "no gold rewards, which register.max_gold_drop needs",
+                             "set evaluate.gold (e.g. [{name: digit_fidelity}]) and re-run `pxpo evaluate`, or unset register.max_gold_drop")
+    failed, fine = [], []
+    for key, v in gold.items():
+        drop = v["base"] - v["policy"]
+        text = f"gold {key} {v['base']:.4f} (base) -> {v['policy']:.4f} (policy), drop {drop:+.4f}"
+        if max_drop is not None and drop > max_drop:
+            failed.append(f"{text} > register.max_gold_drop {max_drop}")
+        else:
+            fine.append(text)
+    return not failed, "; ".join(failed + fine)
+
+
 def gate_and_register(cfg, *, policy_dir: Path, eval_dir: Path, tracking_uri: str, validation_reports: list[Path],
                       out: Path | None, prompts: str | Path | None = None) -> dict:
     """Log the run and the model, register it as challenger, promote if the gate passes.
@@ -99,10 +126,11 @@ def _gate_and_register(cfg, *, policy_dir, eval_dir, tracking_uri, validation_re
     if r.max_drift is not None and drift is None:
         raise PxpoInputError(str(metrics_file), "no drift_pixel_l1, which register.max_drift needs", "re-run `pxpo evaluate` (it reports drift), or unset register.max_drift")
     drift_ok = r.max_drift is None or drift <= r.max_drift
+    gold_ok, gold_text = gold_gate(metrics, r.max_gold_drop, str(metrics_file))
 
     tracker = MlflowTracker(experiment=r.experiment, tracking_uri=tracking_uri)
     with tracker.start(run_name="pxpo-register"):
-        tracker.set_tags({**standard_tags(Path.cwd()), "pxpo.stage": "register"})
+        tracker.set_tags({**standard_tags(Path.cwd()), "pxpo.stage": "register", **({"pxpo.gold": gold_text} if gold_text else {})})
         tracker.log_params(cfg.to_dict())
         try:
             log_prompt_datasets(prompts)
@@ -135,7 +163,7 @@ def _gate_and_register(cfg, *, policy_dir, eval_dir, tracking_uri, validation_re
             primary_metric=r.primary_metric,
             higher_is_better=r.higher_is_better,
             margin=r.margin,
-            validations_passed=passed and gain_ok and drift_ok,
+            validations_passed=passed and gain_ok and drift_ok and gold_ok,
             source_hash=source_hash(Path(policy_dir), Path(eval_dir)),
         )
     if not passed:
@@ -144,6 +172,11 @@ def _gate_and_register(cfg, *, policy_dir, eval_dir, tracking_uri, validation_re
         decision["reason"] = f"reward_gain {metrics.get('reward_gain', 0.0):.4f} <= min_gain {r.min_gain}; " + decision["reason"]
     elif not drift_ok:
         decision["reason"] = f"drift_pixel_l1 {drift:.4f} > register.max_drift {r.max_drift}; " + decision["reason"]
+    elif not gold_ok:
+        decision["reason"] = f"{gold_text}; " + decision["reason"]
+    elif gold_text:
+        decision["reason"] += f"; {gold_text}"
+    decision["gold_passed"] = gold_ok
     decision.update(model_name=r.model_name, model_uri=model_uri, tracking_uri=tracking_uri, run_id=tracker.run_id)
     if out is not None:
         write_json(Path(out), decision)

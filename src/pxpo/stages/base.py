@@ -7,18 +7,39 @@ from pathlib import Path
 from ..errors import PxpoInputError
 
 
-def build_base_model(out: Path, *, seed: int = 0, vae_steps: int | None = None, unet_steps: int | None = None,
+BASE_ARCHS = ("sd", "sd3")  # the SD 1.x-style default (UNet, DDIM) and the SD3-style flow default
+
+
+def default_out(arch: str) -> str:
+    """Where ``pxpo base build --arch ARCH`` writes without ``--out``."""
+    return "models/sd3" if arch == "sd3" else "models/base"
+
+
+def build_base_model(out: Path, *, arch: str = "sd", seed: int = 0, vae_steps: int | None = None, unet_steps: int | None = None,
                      text_lr_mult: float | None = None, force: bool = False, progress: bool = True) -> dict | None:
     """Build and pretrain the embedded default at ``out``; None when it exists and ``force`` is off.
 
+    ``arch``: ``"sd"`` (a StableDiffusionPipeline) or ``"sd3"`` (a StableDiffusion3Pipeline,
+    :mod:`pxpo.embedded.sd3`; ``unet_steps`` is then the transformer's flow-matching steps).
     Returns the build figures (``prompt_following_accuracy``, ``total_seconds``, ...).
     """
-    from ..embedded.architecture import BaseModelSpec
-    from ..embedded.pretrain import build_base
-
+    if arch not in BASE_ARCHS:
+        raise PxpoInputError(f"--arch {arch}", "unknown architecture", f"use one of {', '.join(BASE_ARCHS)}")
     out = Path(out)
     if (out / "model_index.json").exists() and not force:
         return None
+    if arch == "sd3":
+        from ..embedded.sd3 import SD3Spec, build_sd3_base
+
+        if text_lr_mult is not None:
+            raise PxpoInputError("--text-lr-mult", "not used by --arch sd3", "leave it out")
+        spec3 = SD3Spec(seed=seed)
+        spec3.vae_steps = spec3.vae_steps if vae_steps is None else vae_steps
+        spec3.flow_steps = spec3.flow_steps if unet_steps is None else unet_steps
+        return build_sd3_base(out, spec3, progress=progress)
+    from ..embedded.architecture import BaseModelSpec
+    from ..embedded.pretrain import build_base
+
     spec = BaseModelSpec(seed=seed)
     for name, value in (("vae_steps", vae_steps), ("unet_steps", unet_steps), ("text_lr_mult", text_lr_mult)):
         if value is not None:

@@ -14,7 +14,7 @@ from . import report_path
 
 def label(cfg: Config, trajectories: Path, *, out: Path | None = None, validate: bool = False,
           report: str | Path | None = None) -> dict:
-    """Label the images of ``trajectories`` with ``reward.name`` -> ``reward_maps.safetensors``.
+    """Label the images of ``trajectories`` with the configured reward -> ``reward_maps.safetensors``.
 
     With ``out`` a labelled copy is written there, whole or not at all
     (pipelines treat their inputs as read-only); without it the maps are
@@ -24,17 +24,19 @@ def label(cfg: Config, trajectories: Path, *, out: Path | None = None, validate:
     Returns:
         ``{"num_samples": n, "reward_mean": float, "labeller": name, "out": str}``.
     """
-    from ..core.rewards import make_labeller
+    from ..labellers import make_reward
     from ..rollout import label_images
     from ..trajectories import load_trajectories
 
     d = Path(trajectories)
     traj = load_trajectories(d)
-    labeller = make_labeller(cfg.reward.name, **cfg.reward.kwargs)
-    maps, info = label_images(labeller, traj.images, traj.prompts, where=f"reward labeller {cfg.reward.name!r} on {d}")
-    write_maps(d, maps, info={"labeller": cfg.reward.name, "kwargs": cfg.reward.kwargs, **info}, out=out, validate=validate, report=report)
+    labeller = make_reward(cfg.reward)
+    name = cfg.reward.describe()
+    maps, info = label_images(labeller, traj.images, traj.prompts, where=f"reward labeller {name!r} on {d}")
+    labelled = {"labeller": name, "kwargs": cfg.reward.kwargs} if not cfg.reward.components else {"labeller": name, "reward": cfg.reward.model_dump()}
+    write_maps(d, maps, info={**labelled, **info}, out=out, validate=validate, report=report)
     target = Path(out) if out else d
-    return {"num_samples": len(traj), "reward_mean": maps.mean().item(), "labeller": cfg.reward.name, "out": str(target)}
+    return {"num_samples": len(traj), "reward_mean": maps.mean().item(), "labeller": name, "out": str(target)}
 
 
 def write_maps(d: Path, maps, info: dict, *, out: Path | None, validate: bool, report: str | Path | None, keep: list[int] | None = None) -> Path:

@@ -71,19 +71,19 @@ def push(cfg: Config, trajectories: Path) -> dict:
     todo = [i for i in range(len(traj)) if i not in present]
     maps = None
     if cfg.label.pre_annotate and todo:
-        from ..core.rewards import make_labeller
+        from ..labellers import make_reward
         from ..rollout import label_images
 
         idx = torch.as_tensor(todo)
-        labeller = make_labeller(cfg.reward.name, **cfg.reward.kwargs)
-        maps, _ = label_images(labeller, traj.images[idx], [traj.prompts[i] for i in todo], where=f"reward labeller {cfg.reward.name!r}")
+        labeller = make_reward(cfg.reward)
+        maps, _ = label_images(labeller, traj.images[idx], [traj.prompts[i] for i in todo], where=f"reward labeller {cfg.reward.describe()!r}")
     tasks = []
     for j, i in enumerate(todo):
         task = {"data": {"image": _png_data_uri(d / records[i]["image"]), "prompt": traj.prompts[i], "pxpo_index": i, "pxpo_key": key}}
         if maps is not None:
             strokes = prediction_strokes(maps[j], cfg.label.strengths)
             if strokes:
-                task["predictions"] = [{"model_version": f"pxpo-{cfg.reward.name}", "result": [brush_result(m, lab) for m, lab in strokes]}]
+                task["predictions"] = [{"model_version": "pxpo-" + "+".join(c.key for c in cfg.reward.labellers()), "result": [brush_result(m, lab) for m, lab in strokes]}]
         tasks.append(task)
     for start in range(0, len(tasks), 50):
         client.import_tasks(pid, tasks[start : start + 50])

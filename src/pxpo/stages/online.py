@@ -14,13 +14,13 @@ def loop_collaborators(cfg: Config) -> dict:
     The labeller and the prompt source are built first, so a bad reward or
     prompt file fails before the model loads.
     """
-    from ..core.rewards import make_labeller
     from ..distributed import check_launch
+    from ..labellers import make_reward
     from ..prompts import PromptSource
     from ..training_state import build_train_state
 
     check_launch()  # a world size > 1 without a process group: exit 2 before anything is loaded or written
-    labeller = make_labeller(cfg.reward.name, **cfg.reward.kwargs)
+    labeller = make_reward(cfg.reward)
     prompts = PromptSource.load(cfg.prompts.source)
     pipe, state = build_train_state(cfg)
     return {"pipe": pipe, "state": state, "labeller": labeller, "prompts": prompts}

@@ -33,7 +33,9 @@ Families, one module each: :mod:`.formulas` (constant, brightness layouts),
 :mod:`.masks` (colour in a region, ink masks), :mod:`.compression` (JPEG),
 :mod:`.similarity` (SSIM), :mod:`.adapters` (occlusion), :mod:`.human`
 (painted maps from people or any tool) and :mod:`.learned` (a trained dense
-reward model).  Importing the package registers them all.
+reward model).  Importing the package registers them all.  :mod:`.combine`
+weights several labellers into one map per sample (optionally normalised per
+prompt group first).
 """
 
 from . import adapters, compression, formulas, human, learned, masks, similarity  # noqa: F401  (register)
@@ -53,6 +55,7 @@ from .common import (
     luminance,
     region_mask,
 )
+from .combine import Component, combine_maps, combined_labeller, component_means, group_normalize
 from .compression import (
     JPEG_CHROMA_TABLE,
     JPEG_LUMA_TABLE,

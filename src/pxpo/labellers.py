@@ -1,0 +1,103 @@
+"""The labellers a config names: the core registry plus the library's own, and the configured reward and gold.
+
+* ``digit_fidelity`` (registered here, not in the core: it fits a
+  scikit-learn classifier on scikit-learn's digits): prompt fidelity on the
+  embedded default. The map is constant per image, the probability that a
+  logistic-regression digit classifier gives the digit the prompt names
+  (``"a handwritten digit 7"`` -> 7), so 1.0 is a clearly recognisable
+  prompted digit and about 0.1 is chance. It is the embedded default's gold
+  reward (``evaluate.gold``): training on brightness can paint the image
+  white and lose the digit; this labeller notices.
+* :func:`make_reward`: ``reward`` of the config as one labeller (one labeller,
+  or the weighted combination of ``reward.components``, :mod:`pxpo.core.rewards.combine`).
+* :func:`make_gold`: the gold labellers of ``evaluate.gold``, by key.
+
+Importing this module registers ``digit_fidelity``; :mod:`pxpo.config`
+imports it before checking labeller names.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .core.rewards import Component, LabelFn, combined_labeller, constant_maps, make_labeller, register
+from .errors import PxpoInputError
+
+_DIGIT = re.compile(r"\bdigit\s+(\d)\b|\b(\d)\b")
+
+
+@functools.lru_cache(maxsize=1)
+def digit_classifier():
+    """A logistic-regression classifier of 8 x 8 digits (scikit-learn's data, ~97% accurate); fitted once per process.
+
+    Used to check that samples are recognisable and follow the prompt.
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.linear_model import LogisticRegression
+
+    d = load_digits()
+    return LogisticRegression(max_iter=2000).fit(d.data / 16.0, d.target)
+
+
+def _features(images: torch.Tensor):
+    """Images (B, 3, H, W) in [0, 1] -> (B, 64) grey 8 x 8 features in [0, 1] (numpy), the classifier's input."""
+    g = images.detach().float().cpu().mean(1, keepdim=True)
+    return F.adaptive_avg_pool2d(g, 8).flatten(1).clamp(0, 1).numpy()
+
+
+def classify_images(clf, images: torch.Tensor):
+    """Predict digit classes (B,) of images (B, 3, H, W) in [0, 1] with :func:`digit_classifier`."""
+    return clf.predict(_features(images))
+
+
+def prompted_digit(prompt: str) -> int:
+    """The digit a prompt names: ``"a handwritten digit 7"`` -> 7 (else the first lone digit)."""
+    m = _DIGIT.search(prompt)
+    if m is None:
+        raise PxpoInputError(
+            f"digit_fidelity: prompt {prompt!r}", "names no digit",
+            "use digit_fidelity only with prompts like 'a handwritten digit 7' (or drop it from evaluate.gold / reward)",
+        )
+    return int(m.group(1) or m.group(2))
+
+
+@register("digit_fidelity")
+def digit_fidelity() -> LabelFn:
+    """Prompt fidelity on the embedded default: P(prompted digit) under a digit classifier, as a constant map."""
+    clf = digit_classifier()
+
+    def fn(images: torch.Tensor, prompts: Sequence[str]) -> tuple[torch.Tensor, dict]:
+        target = [prompted_digit(p) for p in prompts]
+        proba = clf.predict_proba(_features(images))
+        cols = {int(c): j for j, c in enumerate(clf.classes_)}
+        p = torch.tensor([float(proba[i, cols[d]]) for i, d in enumerate(target)])
+        correct = [float(int(clf.classes_[proba[i].argmax()]) == d) for i, d in enumerate(target)]
+        return constant_maps(p, *images.shape[-2:]).to(images.device), {"scalar": p.tolist(), "correct": correct}
+
+    return fn
+
+
+def make_reward(reward_cfg) -> LabelFn:
+    """The labeller of a ``reward`` config section: ``name`` / ``kwargs``, or the weighted ``components``."""
+    specs = reward_cfg.labellers()
+    if len(specs) == 1 and not reward_cfg.components:
+        return make_labeller(reward_cfg.name, **reward_cfg.kwargs)
+    comps = [Component(s.key, _labeller(s, f"reward.components[{i}]"), s.weight) for i, s in enumerate(specs)]
+    return combined_labeller(comps, reward_cfg.normalize)
+
+
+def make_gold(evaluate_cfg) -> dict[str, LabelFn]:
+    """The gold labellers of ``evaluate.gold``, ``{key: labeller}`` (empty: no gold rewards)."""
+    return {g.key: _labeller(g, f"evaluate.gold[{i}]") for i, g in enumerate(evaluate_cfg.gold)}
+
+
+def _labeller(spec, where: str) -> LabelFn:
+    try:
+        return make_labeller(spec.name, **spec.kwargs)
+    except PxpoInputError as e:
+        raise PxpoInputError(f"{where} ({spec.key}): {e.what}", e.problem, e.fix) from e

@@ -1,0 +1,99 @@
+"""The loop with an SD3 pipeline: Flow-GRPO (flow_sde, windows, GRPO groups) and DiffusionNFT through `pxpo run`."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pxpo.config import load_config
+from pxpo.stages.online import run_online as run
+from pxpo.tracking import JsonlTracker
+
+FAST = ["sample.sampler=flow_sde", "sample.batch_size=4", "sample.num_steps=3", "train.batch_size=2", "train.save_every=1",
+        "train.learning_rate=1e-2", "train.clip_range=0.1", "train.probe_every=0"]
+
+
+@pytest.fixture(scope="module")
+def tiny_sd3_dir(tmp_path_factory):
+    from pxpo.embedded.sd3 import make_tiny_sd3_pipeline
+
+    pipe = make_tiny_sd3_pipeline(seed=0)
+    with torch.no_grad():  # a non-trivial velocity (random init has a near-zero output layer)
+        torch.manual_seed(0)
+        for p in pipe.transformer.proj_out.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    d = tmp_path_factory.mktemp("models") / "tiny-sd3"
+    pipe.save_pretrained(d)
+    return d
+
+
+def _cfg(model_dir, out, *extra):
+    return load_config(None, [f"model.path={model_dir}", f"output_dir={out}", *FAST, *extra])
+
+
+def _history(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_flow_grpo_with_groups_and_a_window_runs_and_saves_a_plain_sd3_lora(tmp_path, tiny_sd3_dir):
+    extra = ["train.epochs=2", "sample.group_size=2", "train.advantage_mode=group", "sample.sde_window_start=1", "sample.sde_window_size=1"]
+    cfg = _cfg(tiny_sd3_dir, tmp_path / "r", *extra)
+    summary = run(cfg, JsonlTracker(tmp_path / "r"), progress=False)
+    assert summary["completed_epochs"] == 2
+    hist = _history(tmp_path / "r")
+    assert hist[0]["optimizer_steps"] == 2 and all(torch.isfinite(torch.tensor(h["loss"])) for h in hist)
+    assert hist[0]["ratio_dev_max"] < 1e-3  # the first update re-scores the window exactly (ratio 1)
+    lora = load_file(str(tmp_path / "r" / "lora" / "pytorch_lora_weights.safetensors"))
+    assert lora and all(k.startswith("transformer.") for k in lora)
+    assert any("add_q_proj" in k for k in lora)  # both streams of the joint attention
+    assert any(v.abs().sum() > 0 for k, v in lora.items() if "lora_B" in k)
+
+    # diffusers' own SD3 pipeline loads it, and it changes the samples
+    from diffusers import StableDiffusion3Pipeline
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd3_dir, text_encoder_3=None, tokenizer_3=None)
+    pipe.set_progress_bar_config(disable=True)
+    kw = dict(num_inference_steps=3, guidance_scale=3.0, height=16, width=16, output_type="pt")
+    before = pipe("a handwritten digit 1", generator=torch.Generator().manual_seed(0), **kw).images
+    pipe.load_lora_weights(str(tmp_path / "r" / "lora"))
+    after = pipe("a handwritten digit 1", generator=torch.Generator().manual_seed(0), **kw).images
+    assert not torch.allclose(before, after)
+
+
+@pytest.mark.parametrize("algorithm", ["nft", "nft_scalar"])
+def test_nft_trains_on_the_forward_process(tmp_path, tiny_sd3_dir, algorithm):
+    cfg = _cfg(tiny_sd3_dir, tmp_path / "n", "train.epochs=2", f"train.algorithm={algorithm}", "sample.noise_level=0.0")
+    run(cfg, JsonlTracker(tmp_path / "n"), progress=False)
+    hist = _history(tmp_path / "n")
+    assert {"nft_positive", "nft_negative", "nft_old_deviation"} <= set(hist[0])
+    assert hist[0]["optimizer_steps"] == 2 and torch.isfinite(torch.tensor(hist[1]["loss"]))
+    assert hist[1]["nft_old_deviation"] > 0  # v_old is the sampling policy's, not the moving weights'
+    lora = load_file(str(tmp_path / "n" / "lora" / "pytorch_lora_weights.safetensors"))
+    assert any(v.abs().sum() > 0 for k, v in lora.items() if "lora_B" in k)
+
+
+def test_loaded_sd3_pipeline_speaks_the_loops_names(tiny_sd3_dir):
+    from pxpo.core.flow import FlowSDEPolicy
+    from pxpo.core.policy import make_policy
+    from pxpo.models import load_pipeline
+
+    pipe = load_pipeline(str(tiny_sd3_dir), sampler="flow_sde")
+    assert pipe.unet is pipe.transformer and pipe.text_encoder_3 is None
+    cfg = load_config(None, FAST)
+    assert isinstance(make_policy(cfg.sample, pipe.scheduler), FlowSDEPolicy)
+
+
+def test_registered_model_wrapper_generates_with_the_flow_sampler(tmp_path, tiny_sd3_dir):
+    """The MLflow pyfunc's load/predict path (pxpo.mlflow.pyfunc) on an SD3 base and a trained SD3 LoRA."""
+    from types import SimpleNamespace
+
+    from pxpo.mlflow.pyfunc import DiffusersPolicyModel, decode_image
+
+    run(_cfg(tiny_sd3_dir, tmp_path / "r", "train.epochs=1"), JsonlTracker(tmp_path / "r"), progress=False)
+    model = DiffusersPolicyModel()
+    ctx = SimpleNamespace(model_config={"sampler": "flow_sde", "num_inference_steps": 3}, artifacts={"base": str(tiny_sd3_dir), "policy": str(tmp_path / "r")})
+    model.load_context(ctx)
+    assert type(model.pipe).__name__ == "StableDiffusion3Pipeline" and type(model.pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+    out = model.predict(ctx, "a handwritten digit 4")
+    assert decode_image(out["image"][0]).size == (16, 16)
