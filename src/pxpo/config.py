@@ -112,7 +112,13 @@ class TrainConfig(_Section):
     weight_decay: Float = Field(1e-4, description="The AdamW weight decay.")
     adam_epsilon: Float = Field(1e-8, description="The AdamW epsilon.")
     max_grad_norm: Float = Field(1.0, gt=0, description="Gradients are clipped to this global norm.")
-    clip_range: Float = Field(1e-4, gt=0, description="The PPO clip epsilon (a tuned parameter for per-element ratios).")
+    clip_range: Float = Field(
+        1e-4,
+        gt=0,
+        description="The PPO clip epsilon of the MEAN ratio (DDPO; ratio: mean); per-element ratios are clipped at clip_range * sqrt(C*h*w), "
+        "so one value clips about the same share for both at any latent size (docs/algorithms.md). Aim for a first-epoch "
+        "clipfrac_element of 5-30 %.",
+    )
     adv_clip_max: Float = Field(5.0, description="Advantages are clipped to +- this.")
     buffer_size: Int = Field(32, ge=1, description="The per-prompt reward buffer (stat tracking).")
     min_count: Int = Field(16, ge=1, description="Buffered rewards needed before a prompt's own stats are used.")
