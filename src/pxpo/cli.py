@@ -68,10 +68,8 @@ def cmd_base_build(args) -> int:
     if stats is None:
         print(f"{out} exists (use --force to rebuild)")
         return 0
-    print(
-        f"built {out}: prompt-following accuracy {stats['prompt_following_accuracy']:.2f} "
-        f"(digit classifier on 80 samples), {stats['total_seconds']:.0f}s; grid {out / 'samples.png'}"
-    )
+    acc, secs = stats["prompt_following_accuracy"], stats["total_seconds"]
+    print(f"built {out}: prompt-following accuracy {acc:.2f} (digit classifier on 80 samples), {secs:.0f}s; grid {out / 'samples.png'}")
     return 0
 
 

@@ -7,7 +7,7 @@ import torch
 
 from pxpo.cli import main
 from pxpo.embedded import random_sd
-from pxpo.embedded.sd3 import SD3Spec, build_sd3_base, make_tiny_sd3_pipeline
+from pxpo.embedded.sd3 import SD3Spec, build_sd3_base, collapsed_t5_block, make_tiny_sd3_pipeline
 
 
 def test_tiny_sd3_is_a_stock_pipeline_that_generates():
@@ -21,6 +21,26 @@ def test_tiny_sd3_is_a_stock_pipeline_that_generates():
     embeds, _, pooled, _ = pipe.encode_prompt(["a handwritten digit 3"], None, None, device="cpu", do_classifier_free_guidance=False)
     assert embeds.shape == (1, 16 + 256, 64) and pooled.shape == (1, 64)  # CLIP tokens + the zero T5 block
     assert embeds[:, 16:].abs().max() == 0
+
+
+def test_collapsed_t5_block_is_the_stock_encoding_exactly():
+    """Pretraining's shortcut: one zero token with +log 256 logit == the pipeline's 256 zero tokens."""
+    pipe = make_tiny_sd3_pipeline(seed=1)
+    tr = pipe.transformer
+    with torch.no_grad():
+        torch.manual_seed(0)
+        for p in tr.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+        x, t = torch.randn(3, 4, 8, 8), torch.tensor([900.0, 500.0, 100.0])
+        prompts = ["a handwritten digit 3", "a handwritten digit 8", ""]
+        full, _, pooled, _ = pipe.encode_prompt(prompts, None, None, do_classifier_free_guidance=False)
+        one, _, _, _ = pipe.encode_prompt(prompts, None, None, do_classifier_free_guidance=False, max_sequence_length=1)
+        ref = tr(hidden_states=x, timestep=t, encoder_hidden_states=full, pooled_projections=pooled).sample
+        with collapsed_t5_block(64 + 16 + 1):
+            fast = tr(hidden_states=x, timestep=t, encoder_hidden_states=one, pooled_projections=pooled).sample
+        plain = tr(hidden_states=x, timestep=t, encoder_hidden_states=one, pooled_projections=pooled).sample
+    torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-5)
+    assert (plain - ref).abs().max() > 1e-2  # without the correction one token is not 256
 
 
 def test_build_pretrains_checks_and_saves(tmp_path):

@@ -40,6 +40,40 @@ def _sd_shaped_unet(full: bool):
     return unet
 
 
+def rescore_log_ratios(unet, dtype, device: str, n: int = 4, num_steps: int = 50, chunk: int = 3) -> torch.Tensor:
+    """Sample n trajectories under autocast, re-score every transition with the same weights -> log-ratios (n*T, C, h, w).
+
+    As the loop: sampling casts inputs to the weights' dtype, training runs the
+    network under autocast; re-scoring takes shuffled (sample, step) pairs in
+    chunks of ``chunk``, so the two passes group the work differently.
+    """
+    from diffusers import DDIMScheduler
+
+    from pxpo.config import SampleConfig
+    from pxpo.core.policy import Cond, make_policy
+    from pxpo.embedded import random_sd
+
+    sched = DDIMScheduler.from_config(random_sd.SD15_SCHEDULER)
+    policy = make_policy(SampleConfig(num_steps=num_steps, eta=1.0, guidance_scale=5.0), sched)
+    latent = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+    g = torch.Generator().manual_seed(0)
+    dim = unet.config.cross_attention_dim
+    cond = Cond(torch.randn(n, 77, dim, generator=g).to(device))
+    uncond = Cond(torch.randn(1, 77, dim, generator=g).to(device))
+    gens = [torch.Generator().manual_seed(i) for i in range(n)]
+    with torch.autocast(device, dtype=dtype):
+        roll = policy.sample(policy.denoiser(unet, unet.dtype), cond, uncond, latent, gens)
+    den = policy.denoiser(unet)
+    t = len(policy.timesteps)
+    diffs = []
+    with torch.no_grad(), torch.autocast(device, dtype=dtype):
+        for c in torch.randperm(n * t, generator=g).split(chunk):
+            si, j = (c // t).to(device), (c % t).to(device)
+            out = policy.log_prob(den, roll.latents[si, j], j, roll.latents[si, j + 1], cond.index(si), uncond)
+            diffs.append((out.log_prob.float() - roll.log_probs[si, j].float()).cpu())
+    return torch.cat(diffs).double()
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_rescoring_under_autocast_stays_far_inside_the_clip(dtype):
     """Re-scoring stored trajectories with UNCHANGED weights under autocast: log-ratios far inside the clip.
@@ -57,37 +91,11 @@ def test_rescoring_under_autocast_stays_far_inside_the_clip(dtype):
     (860 M parameters, random weights) is used: depth is what accumulates
     round-off.
     """
-    from diffusers import DDIMScheduler
-
-    from pxpo.config import SampleConfig
     from pxpo.core.losses import element_clip_range
-    from pxpo.core.policy import Cond, make_policy
-    from pxpo.embedded import random_sd
 
     unet = _sd_shaped_unet(full=True).to(dtype)  # model.dtype follows the autocast dtype
     unet.requires_grad_(False)
-    sched = DDIMScheduler.from_config(random_sd.SD15_SCHEDULER)
-    s = SampleConfig(num_steps=50, eta=1.0, guidance_scale=5.0)  # the issue's workload: sigma is smallest at 50 steps
-    policy = make_policy(s, sched)
-    n = 4
-    g = torch.Generator().manual_seed(0)
-    cond = Cond(torch.randn(n, 77, unet.config.cross_attention_dim, generator=g).cuda())
-    uncond = Cond(torch.randn(1, 77, unet.config.cross_attention_dim, generator=g).cuda())
-    gens = [torch.Generator().manual_seed(i) for i in range(n)]
-    # as the loop: sampling casts inputs to the weights' dtype, training runs the network under autocast
-    with torch.autocast("cuda", dtype=dtype):
-        roll = policy.sample(policy.denoiser(unet, unet.dtype), cond, uncond, LATENT, gens)
-    den = policy.denoiser(unet)
-    t = len(policy.timesteps)
-    pairs = torch.randperm(n * t, generator=g)  # shuffled (sample, step) pairs, chunks of 3
-    diffs = []
-    with torch.no_grad(), torch.autocast("cuda", dtype=dtype):
-        for chunk in pairs.split(3):
-            si, j = (chunk // t).cuda(), (chunk % t).cuda()
-            out = policy.log_prob(den, roll.latents[si, j], j, roll.latents[si, j + 1], cond.index(si), uncond)
-            diffs.append((out.log_prob.float() - roll.log_probs[si, j].float()).cpu())
-    diff = torch.cat(diffs).double()
-    assert torch.isfinite(diff).all()
+    diff = rescore_log_ratios(unet, dtype, "cuda")
     clip_el = element_clip_range(CLIP_RANGE, D)
     rms_el = float(diff.square().mean().sqrt())
     mean = diff.flatten(1).mean(1)

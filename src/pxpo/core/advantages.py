@@ -1,7 +1,8 @@
-"""Advantages from rewards: per-prompt stat tracking for scalars and maps.
+"""Advantages from rewards: per-prompt stat tracking and GRPO groups, for scalars and maps.
 
-ALGORITHMS.md section 1 (DDPO's per-prompt stat tracking) and section 2.2
-(PXPO's per-pixel advantages). Rewards have shape (B, *S): S = () for scalar
+ALGORITHMS.md section 1 (DDPO's per-prompt stat tracking), section 2.2
+(PXPO's per-pixel advantages) and section 4 (GRPO's group-relative advantages:
+:func:`group_advantages`, :class:`GroupRelative`, at the end of this module). Rewards have shape (B, *S): S = () for scalar
 rewards, S = (h, w) for reward maps on the latent grid.
 
 For each prompt in the batch, its new rewards are appended to a FIFO of the
