@@ -97,3 +97,29 @@ def test_registered_model_wrapper_generates_with_the_flow_sampler(tmp_path, tiny
     assert type(model.pipe).__name__ == "StableDiffusion3Pipeline" and type(model.pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
     out = model.predict(ctx, "a handwritten digit 4")
     assert decode_image(out["image"][0]).size == (16, 16)
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (["train.algorithm=nft"], "train.algorithm"),  # NFT needs the flow sampler
+        (["sample.sampler=flow_sde", "sample.noise_level=0"], "sample.noise_level"),  # policy gradients need a stochastic step
+        (["sample.sampler=flow_sde", "sample.sde_window_start=19", "sample.sde_window_size=2"], "sample.sde_window_start"),
+        (["sample.group_size=5"], "sample.group_size"),  # 5 does not divide 32 samples
+        (["train.advantage_mode=group"], "sample.group_size"),  # groups of one
+    ],
+)
+def test_flow_and_group_settings_are_checked(overrides, field):
+    from pxpo.errors import PxpoInputError
+
+    with pytest.raises(PxpoInputError, match=field.replace(".", r"\.")):
+        load_config(None, overrides)
+
+
+def test_prompt_groups():
+    from pxpo.prompts import PromptSource
+
+    src = PromptSource.load("digits")
+    assert src.draw_groups(12, 1, 7) == src.draw(12, 7)  # group_size 1: the draws of before
+    g = src.draw_groups(12, 4, 7)
+    assert len(g) == 12 and all(len(set(g[i : i + 4])) == 1 for i in range(0, 12, 4)) and g[::4] == src.draw(3, 7)

@@ -7,15 +7,16 @@ ALGORITHMS.md sections 1 and 2. Both come in two forms:
   ratio = exp(logp - logp_old);
   loss = mean(max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)))
 
-``clip_range`` is the PPO epsilon of a MEAN ratio: DDPO's ratio of the
-per-sample mean log-probs, and PXPO's ``ratio="mean"``. PXPO's per-element
-ratios are clipped at :func:`element_clip_range` = clip_range * sqrt(d) for a
-latent of d = C*h*w elements (docs/algorithms.md, "The clip range at any
-latent size"): within an epoch the element log-ratios of a sample are
-z_i * u_i (z_i the action's standard noise, u_i the policy mean's move over the
-step's std), so their spread is sqrt(d) times that of their mean, and the same
-``clip_range`` clips about the same fraction of elements as of DDPO's samples
-at any latent size (256 elements in the embedded default, 16,384 in SD 1.5).
+``clip_range`` is the PPO epsilon (PPO: arXiv 1707.06347) of a MEAN ratio:
+DDPO's ratio of the per-sample mean log-probs, and PXPO's ``ratio="mean"``.
+PXPO's per-element ratios are clipped at :func:`element_clip_range` =
+clip_range * sqrt(d) for a latent of d = C*h*w elements (docs/algorithms.md,
+"The clip range at any latent size"): within an epoch an element's log-ratio
+is z_i u_i - u_i^2/2 (z_i the action's standard noise, u_i the policy mean's
+move over the step's std), which for small moves spreads sqrt(d) times as far
+as the mean over the sample's elements, so one ``clip_range`` clips about the
+same share of elements as of DDPO's samples at any latent size (256 elements
+in the embedded default, 16,384 in SD 1.5).
 
 The log-ratio logp - logp_old is clamped to [-max_log_ratio, max_log_ratio]
 before exp(): far off-policy a per-element ratio would overflow to inf and the
@@ -86,10 +87,13 @@ MAX_LOG_RATIO = 20.0
 def element_clip_range(clip_range: float, n_elements: int) -> float:
     """The PPO clip of per-element ratios for a latent of ``n_elements`` (C*h*w) elements.
 
-    clip_range * sqrt(n_elements): the per-element log-ratio z_i * u_i (z_i ~ N(0, 1)
-    the action's noise, independent of u_i = the mean's move / std within an
-    epoch) has sqrt(d) times the spread of the mean of d of them, so this clips
-    about the fraction of elements that ``clip_range`` clips of DDPO's mean ratios.
+    clip_range * sqrt(n_elements). An element's log-ratio is z_i u_i - u_i^2 / 2
+    (z_i ~ N(0, 1) the action's noise, independent of u_i = the mean's move over
+    the step's std within an epoch), so while the moves are small (rms(u) well
+    below 2 / sqrt(d)) it spreads sqrt(d) times as far as the mean of the d of
+    them, and this clips about the share of elements that ``clip_range`` clips of
+    DDPO's mean ratios. Larger moves shift the mean ratio by -mean(u^2) / 2 and
+    the mean ratio is then clipped more often (docs/algorithms.md: measured).
     Examples: 1e-4 at 4x64x64 (SD 1.5) -> 0.0128; 0.0125 at 4x8x8 -> 0.2.
     """
     if n_elements < 1:
