@@ -285,6 +285,8 @@ def main(argv=None) -> int:
         e["compute_batch"] = {"sample": state.sample_compute.size, "train": state.train_compute.size}
         epochs.append(e)
         print(f"epoch {epoch}{' (warm-up)' if not last else ''}: sample {e['sample_s']:.2f}s label {e['label_s']:.3f}s train {e['train_s']:.2f}s", flush=True)
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)  # partial figures survive a time limit
+        Path(a.out).write_text(json.dumps({"partial": True, "overrides": overrides, "build_s": t_build, "epochs": epochs}, indent=1, default=str))
         if cuda and last:
             peak = {"max_allocated_gb": torch.cuda.max_memory_allocated(device) / 2**30, "max_reserved_gb": torch.cuda.max_memory_reserved(device) / 2**30}
             util = meter.summary()

@@ -19,7 +19,8 @@
 #      Record the figures in docs/benchmarks.md ("SD-sized epoch on a GPU").
 #
 # Budget: device time is 15 minutes a session, the machine's start included; this run
-# takes about 6-8 minutes (tier ~2 min, epoch bench ~4-5 min), within one 10-minute call.
+# takes about 6-9 minutes (tier <= 170 s, epoch bench <= 390 s: fixture build, warm-up and reported
+# epochs, floor), within one 10-minute call; gpu_epoch.json is written after each epoch.
 set -uo pipefail
 
 WHEELS=(
@@ -61,11 +62,11 @@ run() {
   cat "$out/env.txt"
 
   # 1. the CUDA tier (it must not be skipped here: -rs lists any skip with its reason)
-  timeout 240 python3 -m pytest -q -m gpu tests/gpu -rs -s -p no:cacheprovider --junitxml="$out/gpu_tests.xml" 2>&1 | tee "$out/gpu_tests.log"
+  timeout 170 python3 -m pytest -q -m gpu tests/gpu -rs -s -p no:cacheprovider --junitxml="$out/gpu_tests.xml" 2>&1 | tee "$out/gpu_tests.log"
   echo "gpu tier exit: ${PIPESTATUS[0]}" | tee -a "$out/gpu_tests.log"
 
   # 2. the SD 1.5-shaped epoch (warm-up epoch + reported epoch + floor)
-  timeout 330 python3 bench/gpu_epoch.py --epochs 2 --out "$out/gpu_epoch.json" 2>&1 | grep -v -E "Warning|it/s\]" | tee "$out/gpu_epoch.log"
+  timeout 390 python3 bench/gpu_epoch.py --epochs 2 --out "$out/gpu_epoch.json" 2>&1 | grep -v -E "Warning|it/s\]" | tee "$out/gpu_epoch.log"
   echo "gpu_epoch exit: ${PIPESTATUS[0]}" | tee -a "$out/gpu_epoch.log"
 }
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from ..config import Config
 from ..errors import PxpoInputError
 
-HISTORY_COLUMNS = ["epoch", "samples_seen", "reward_mean", "reward_std", "approx_kl", "clipfrac", "loss", "grad_norm"]
+HISTORY_COLUMNS = ["epoch", "samples_seen", "reward_mean", "reward_std", "approx_kl", "clipfrac", "clipfrac_element", "clipfrac_mean", "loss", "grad_norm"]
 
 
 def check_sampling_matches(cfg: Config, meta: dict, where: Path) -> None:
