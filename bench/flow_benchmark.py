@@ -76,6 +76,20 @@ def summarize(runs: dict, seeds, epochs, overrides) -> dict:
         for px, sc in PAIRS.items() for s in seeds if f"{px}_s{s}" in runs and f"{sc}_s{s}" in runs
     }
     levels = [round(base + d, 3) for d in (0.05, 0.1, 0.15, 0.2, 0.25)]
+    n_ep = min(len(r["history"]) for r in runs.values())
+    budgets = sorted({max(3, round(n_ep * f)) for f in (0.25, 0.5, 0.75, 1.0)} & set(range(3, n_ep + 1)))
+
+    def gain_at(k, e):  # mean reward of the 3 epochs ending at epoch e (1-based) minus the first epoch's
+        h = runs[k]["history"]
+        return sum(x["reward_mean"] for x in h[e - 3 : e]) / 3 - h[0]["reward_mean"]
+
+    at_budget = {
+        f"{px}/{sc}_s{s}": {
+            str(runs[f"{px}_s{s}"]["history"][e - 1]["samples_seen"]): (gain_at(f"{px}_s{s}", e) / gain_at(f"{sc}_s{s}", e) if gain_at(f"{sc}_s{s}", e) > 0 else None)
+            for e in budgets
+        }
+        for px, sc in PAIRS.items() for s in seeds if f"{px}_s{s}" in runs and f"{sc}_s{s}" in runs
+    }
     return {
         "task": "flow default; " + " ".join(FLOW + list(overrides)),
         "epochs": epochs,
@@ -84,6 +98,7 @@ def summarize(runs: dict, seeds, epochs, overrides) -> dict:
         "final_reward_last3": finals,
         "gain_last3_minus_first": gains,
         "gain_ratio_pixelwise_over_scalar": ratios,
+        "gain_ratio_at_samples": at_budget,  # the same ratio after 25/50/75/100 % of the samples (3-epoch means)
         "samples_to_reach": {f"{lv:.3f}": {k: _samples_to_reach(r["history"], lv) for k, r in sorted(runs.items())} for lv in levels},
         "wall_s": {k: r["wall_s"] for k, r in runs.items()},
         "runs": runs,
@@ -116,6 +131,8 @@ def main(argv=None):
     for k in runs:
         print(f"{k:16s} final(last 3) {summary['final_reward_last3'][k]:.4f}  gain {summary['gain_last3_minus_first'][k]:+.4f}  wall {runs[k]['wall_s']:.0f}s")
     print("gain ratio pixel-wise / scalar: " + "  ".join(f"{k}={'-' if v is None else f'{v:.2f}'}" for k, v in summary["gain_ratio_pixelwise_over_scalar"].items()))
+    print("gain ratio pixel-wise / scalar at equal samples (3-epoch means): " + "  ".join(
+        f"{k}: " + ", ".join(f"{n}={'-' if v is None else f'{v:.2f}'}" for n, v in row.items()) for k, row in summary["gain_ratio_at_samples"].items()))
     print("samples to first reach a reward level:")
     for lv, row in summary["samples_to_reach"].items():
         print(f"  {lv}: " + "  ".join(f"{k}={v}" for k, v in row.items()))

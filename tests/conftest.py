@@ -47,6 +47,35 @@ def tiny_lcm_model_dir(tmp_path_factory, tiny_model_dir):
     LCMScheduler.from_pretrained(tiny_model_dir / "scheduler").save_pretrained(d / "scheduler")
     return d
 
+@pytest.fixture(scope="session")
+def tiny_vae_model_dir(tmp_path_factory, tiny_model_dir):
+    """The tiny pipeline with its VAE trained 60 steps on digits (~6 s): decoded images then depend on the
+    latents, so an image reward can be learnt (the random VAE decodes nearly the same grey for any latent)."""
+    import torch.nn.functional as F
+
+    from pxpo.embedded.digits import digits_dataset
+    from pxpo.models import load_pipeline
+
+    pipe = load_pipeline(str(tiny_model_dir))
+    images, _ = digits_dataset(16)
+    g = torch.Generator().manual_seed(0)
+    vae = pipe.vae.train().requires_grad_(True)
+    opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
+    for _ in range(60):
+        x = images[torch.randint(0, images.shape[0], (32,), generator=g)]
+        post = vae.encode(x).latent_dist
+        loss = F.mse_loss(vae.decode(post.sample(generator=g)).sample, x) + 1e-3 * post.kl().mean() / x[0].numel()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    vae.eval().requires_grad_(False)
+    with torch.no_grad():
+        vae.register_to_config(scaling_factor=float(1 / vae.encode(images[:512]).latent_dist.mean.std()))
+    d = tmp_path_factory.mktemp("models") / "tiny-vae"
+    pipe.save_pretrained(d)
+    return d
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

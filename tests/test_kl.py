@@ -51,3 +51,147 @@ def test_weighted_mean_weights_pixels():
     assert weighted_kl_mean(kl).item() == 2.0
     assert weighted_kl_mean(kl, torch.tensor([[[[1.0, 0.0]]]])).item() == 1.0
     assert weighted_kl_mean(kl, torch.tensor([[[[1.0, 3.0]]]])).item() == pytest.approx(2.5)
+
+
+# ----- the KL penalty in training (train.kl_coef; pxpo.reference) ------------------------------------------
+
+FAST = ["sample.batch_size=4", "sample.num_steps=3", "train.batch_size=2", "train.save_every=1", "train.learning_rate=1e-2", "train.clip_range=0.1"]
+
+
+def _cfg(model_dir, out, *extra):
+    from pxpo.config import load_config
+
+    return load_config(None, [f"model.path={model_dir}", f"output_dir={out}", *FAST, *extra])
+
+
+def test_kl_coef_0_backpropagates_todays_loss_bit_for_bit(tiny_model_dir, tmp_path, monkeypatch):
+    """kl_coef 0 (the default): no reference is built or called, and what is back-propagated is exactly the
+    policy loss (times the chunk weight), as before; kl_coef > 0 adds kl_coef x the KL and one reference pass."""
+    import pxpo.train_step
+    from pxpo.rollout import sample_trajectories
+    from pxpo.train import train_on_trajectories
+    from pxpo.training_state import build_train_state
+
+    def one_step(coef):
+        cfg = _cfg(tiny_model_dir, tmp_path / f"r{coef}", f"train.kl_coef={coef}", "train.batch_size=4")
+        pipe, state = build_train_state(cfg)
+        from pxpo.reference import Reference
+
+        state.extras["kl_reference"] = Reference.build(state, cfg.train)
+        traj = sample_trajectories(pipe, cfg, ["a handwritten digit 1"] * 4, [0, 1, 2, 3], policy=state.policy)
+        losses, backward, calls = [], [], {"n": 0}
+        real_loss = pxpo.train_step.policy_loss
+
+        def spy_loss(log_prob, *a):
+            res = real_loss(log_prob, *a)
+            losses.append((log_prob.shape[0], res.loss.detach().clone()))
+            return res
+
+        monkeypatch.setattr(pxpo.train_step, "policy_loss", spy_loss)
+        real_backward = state.accelerator.backward
+        monkeypatch.setattr(state.accelerator, "backward", lambda loss, **k: backward.append(loss.detach().clone()) or real_backward(loss, **k))
+        net = state.accelerator.unwrap_model(state.unet)
+        hook = net.register_forward_hook(lambda *a: calls.__setitem__("n", calls["n"] + 1))
+        logs = train_on_trajectories(state, traj, torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(0)), cfg, epoch=0)
+        hook.remove()
+        return state, losses, backward, calls["n"], logs
+
+    state, losses, backward, n0, logs = one_step(0.0)
+    assert state.extras["kl_reference"] is None and "kl_ref" not in logs and logs["optimizer_steps"] == 1
+    pairs = sum(k for k, _ in losses)  # one optimizer step: 4 samples x 3 timesteps
+    assert pairs == 12 and len(backward) == len(losses)
+    gas = state.accelerator.gradient_accumulation_steps
+    for (k, loss), sent in zip(losses, backward):
+        assert torch.equal(sent, loss * (k * (1.0 / pairs) * gas))  # the policy loss, weighted, nothing added
+    _, losses_kl, backward_kl, n1, logs_kl = one_step(5.0)
+    assert n1 == 2 * n0  # one extra (reference) forward per chunk, none without the penalty
+    assert logs_kl["kl_ref"] == 0.0  # before the first step the LoRA policy IS the reference (B = 0): KL 0 ...
+    assert all(torch.equal(a, b) for a, b in zip(backward_kl, backward))  # ... and the loss is unchanged
+
+
+def test_lora_reference_is_the_same_network_with_adapters_off(tiny_model_dir, tmp_path):
+    """With LoRA the reference holds no second copy (parameter memory does not double); full fine-tuning: a frozen copy."""
+    from diffusers import UNet2DConditionModel
+
+    from pxpo.reference import Reference, parameter_bytes
+    from pxpo.training_state import build_train_state
+
+    cfg = _cfg(tiny_model_dir, tmp_path / "lora", "train.kl_coef=1.0")
+    _, state = build_train_state(cfg)
+    ref = Reference.build(state, cfg.train)
+    net = state.accelerator.unwrap_model(state.unet)
+    assert ref.lora and ref.modules() == []
+    assert parameter_bytes(net, *ref.modules()) == parameter_bytes(net)
+    with torch.no_grad():
+        for n, p in net.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
+    base = UNet2DConditionModel.from_pretrained(tiny_model_dir / "unet").eval()
+    x, t, c = torch.randn(2, 4, 8, 8), torch.tensor([500, 500]), torch.randn(2, 16, 32)
+    with torch.no_grad():
+        tuned = net(x, t, encoder_hidden_states=c).sample
+        with ref.network() as r:
+            off = r(x, t, encoder_hidden_states=c).sample
+        again = net(x, t, encoder_hidden_states=c).sample
+        want = base(x, t, encoder_hidden_states=c).sample
+    torch.testing.assert_close(off, want, atol=1e-5, rtol=1e-4)  # adapters off = the base model
+    assert not torch.allclose(tuned, want, atol=1e-3) and torch.equal(again, tuned)  # and back on afterwards
+
+    full = _cfg(tiny_model_dir, tmp_path / "full", "train.kl_coef=1.0", "train.use_lora=false")
+    _, fstate = build_train_state(full)
+    fref = Reference.build(fstate, full.train)
+    fnet = fstate.accelerator.unwrap_model(fstate.unet)
+    assert parameter_bytes(fnet, *fref.modules()) == 2 * parameter_bytes(fnet)
+    assert not any(p.requires_grad for p in fref.frozen.parameters())
+    assert Reference.build(fstate, _cfg(tiny_model_dir, tmp_path / "off").train) is None  # kl_coef 0: nothing built
+
+
+def _held_out(model_dir, policy, n=64):
+    """(mean all_bright reward, images) of n fixed prompts and seeds; policy None: the base."""
+    from pxpo.config import load_config
+    from pxpo.labellers import make_reward
+    from pxpo.models import load_configured_pipeline, load_policy_into
+    from pxpo.rollout import label_images, sample_trajectories
+
+    cfg = load_config(None, [f"model.path={model_dir}", "sample.num_steps=3", "sample.batch_size=32", "reward.kwargs={layout: all_bright}"])
+    pipe = load_configured_pipeline(cfg)
+    if policy is not None:
+        load_policy_into(pipe, str(policy))
+    prompts = [f"a handwritten digit {i % 10}" for i in range(n)]
+    traj = sample_trajectories(pipe, cfg, prompts, list(range(1000, 1000 + n)))
+    maps, _ = label_images(make_reward(cfg.reward), traj.images, prompts)
+    return float(maps.mean()), traj.images
+
+
+def test_a_large_kl_coef_keeps_the_policy_near_the_reference(tiny_vae_model_dir, tmp_path):
+    """8 epochs on `all_bright` (learnable on the VAE-trained tiny model): without KL the policy drifts far;
+    with kl_coef 1 it stays within a quarter of that distance, and the reward still rises a little."""
+    from pxpo.stages.online import run_online
+
+    common = ["reward.kwargs={layout: all_bright}", "train.epochs=8", "train.learning_rate=3e-2", "sample.batch_size=16", "train.batch_size=8"]
+    runs = {}
+    for coef in (0.0, 1.0):
+        cfg = _cfg(tiny_vae_model_dir, tmp_path / f"kl{coef}", *common, f"train.kl_coef={coef}", "train.save_every=100")
+        run_online(cfg, progress=False)
+        runs[coef] = _held_out(tiny_vae_model_dir, tmp_path / f"kl{coef}")
+    base_reward, base_images = _held_out(tiny_vae_model_dir, None)
+    (r0, im0), (r1, im1) = runs[0.0], runs[1.0]
+    drift0, drift1 = float((im0 - base_images).abs().mean()), float((im1 - base_images).abs().mean())
+    assert drift1 < drift0 / 4, (drift0, drift1)
+    assert r0 - base_reward > 0.02 and 0 < r1 - base_reward < r0 - base_reward, (base_reward, r0, r1)
+
+
+def test_full_finetune_reference_is_the_base_model_after_a_resume(tiny_model_dir, tmp_path):
+    """The frozen copy is taken before a checkpoint is loaded: a killed and resumed run ends where an uninterrupted one does."""
+    from safetensors.torch import load_file
+
+    from pxpo.stages.online import run_online
+
+    extra = ["train.use_lora=false", "train.learning_rate=1e-3", "train.kl_coef=1.0", "train.epochs=3"]
+    run_online(_cfg(tiny_model_dir, tmp_path / "full", *extra), progress=False)
+    part = _cfg(tiny_model_dir, tmp_path / "part", *extra)
+    run_online(part, progress=False, stop_after_epochs=2)
+    run_online(part, progress=False)  # resumes from epoch 2: its reference must still be the base model
+    a = load_file(str(tmp_path / "full" / "model" / "unet" / "diffusion_pytorch_model.safetensors"))
+    b = load_file(str(tmp_path / "part" / "model" / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -60,3 +60,49 @@ def test_the_decision_uses_the_max_over_processes():
     h.observe(torch.zeros(3), torch.zeros(3))
     with pytest.raises(TrainingStopped):
         h.first_update("epoch 0", reduce=lambda worst: max(worst, 3.0))  # another process saw 3.0
+
+
+# ----- in the training loop ---------------------------------------------------------------------------------
+
+FAST = ["sample.batch_size=4", "sample.num_steps=3", "train.batch_size=2", "train.save_every=1", "train.learning_rate=1e-2", "train.clip_range=0.1"]
+
+
+def _cfg(model_dir, out, *extra):
+    return load_config(None, [f"model.path={model_dir}", f"output_dir={out}", *FAST, *extra])
+
+
+def test_the_normal_fp32_config_passes_and_logs_every_epoch(tiny_model_dir, tmp_path):
+    import json
+
+    from pxpo.stages.online import run_online
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # not even the warning
+        run_online(_cfg(tiny_model_dir, tmp_path / "r", "train.epochs=2", "train.inner_epochs=2"), progress=False)
+    hist = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [h["ratio_dev_max"] for h in hist] == [pytest.approx(0.0, abs=RATIO_LIMITS["no"][0])] * 2
+
+
+@pytest.mark.parametrize("train_guidance", [3.5, 7.0])
+def test_a_guidance_scale_that_differs_from_sampling_is_caught(tiny_model_dir, tmp_path, train_guidance):
+    """Samples drawn at guidance 3 and re-scored at another scale: the first update's ratio is far from 1; the run stops."""
+    from pxpo.core.rewards import make_labeller
+    from pxpo.prompts import PromptSource
+    from pxpo.rollout import sample_trajectories
+    from pxpo.tracking import JsonlTracker
+    from pxpo.train import run
+    from pxpo.training_state import build_train_state
+
+    sampled = _cfg(tiny_model_dir, tmp_path / "s", "sample.guidance_scale=3.0")
+    pipe, state = build_train_state(sampled)
+    traj = sample_trajectories(pipe, sampled, ["a handwritten digit 1"] * 4, [0, 1, 2, 3], policy=state.policy)
+    maps, _ = make_labeller("brightness_target")(traj.images, traj.prompts)
+
+    cfg = _cfg(tiny_model_dir, tmp_path / "t", f"sample.guidance_scale={train_guidance}")
+    pipe, state = build_train_state(cfg)
+    params = [p.detach().clone() for p in state.params]
+    with pytest.raises(TrainingStopped, match="importance ratio is off by .* on the first update") as e:
+        run(cfg, pipe, state, labeller=make_labeller("brightness_target"), prompts=PromptSource.load("digits"),
+            tracker=JsonlTracker(tmp_path / "t"), progress=False, first_batch=(traj, maps), rounds=1)
+    assert "guidance scale" in e.value.fix and e.value.exit_code == 3
+    assert all(torch.equal(a, b) for a, b in zip(params, state.params))  # stopped before the mismatched step
