@@ -109,11 +109,14 @@ def test_training_on_a_hackable_reward_is_refused_by_the_gold_gate(store, tmp_pa
     from pxpo.stages.register import register
 
     common = [
-        f"model.path={tiny_vae_model_dir}", "sample.num_steps=3", "reward.kwargs={layout: all_bright}",
+        f"model.path={tiny_vae_model_dir}", "sample.num_steps=3",
+        # two components (the constant one leaves the advantages as they are) to follow per-component metrics
+        "reward.components=[{name: brightness_target, kwargs: {layout: all_bright}, label: bright}, {name: constant, weight: 0.5, label: bias}]",
         "evaluate.gold=[{name: brightness_target, kwargs: {layout: all_dark}, label: darkness}]", "evaluate.samples_per_prompt=4",
     ]
     train = load_config(None, [*common, f"output_dir={tmp_path / 'policy'}", "train.epochs=8", "train.learning_rate=3e-2",
-                               "sample.batch_size=16", "train.batch_size=8", "train.save_every=100", "train.clip_range=0.1"])
+                               "sample.batch_size=16", "train.batch_size=8", "train.save_every=100", "train.clip_range=0.1",
+                               "train.kl_coef=0.001"])  # a KL too weak to stop the hack, logged as train.kl_ref
     summary = run_online(train, progress=False)
     assert summary["reward_last"] > summary["reward_first"]  # the trained reward rose
 
@@ -136,5 +139,8 @@ def test_training_on_a_hackable_reward_is_refused_by_the_gold_gate(store, tmp_pa
 
     run = mlflow.MlflowClient(store).get_run(refused["run_id"])
     assert run.data.metrics["gold_darkness"] == pytest.approx(g["policy"]) and run.data.metrics["base_gold_darkness"] == pytest.approx(g["base"])
-    assert "drop" in run.data.tags["pxpo.gold"] and "train.ratio_dev_max" in run.data.metrics
+    assert "drop" in run.data.tags["pxpo.gold"]
+    for key in ("train.ratio_dev_max", "train.reward_bright", "train.reward_bias", "train.kl_ref", "reward_bright", "base_reward_bright"):
+        assert key in run.data.metrics, key  # ratio health, per-component rewards (training and evaluation), KL
+    assert metrics["reward_bias"] == 1.0 and metrics["reward_bright"] > metrics["base_reward_bright"]
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["gold"]["darkness"] == g
