@@ -106,3 +106,16 @@ def test_a_guidance_scale_that_differs_from_sampling_is_caught(tiny_model_dir, t
             tracker=JsonlTracker(tmp_path / "t"), progress=False, first_batch=(traj, maps), rounds=1)
     assert "guidance scale" in e.value.fix and e.value.exit_code == 3
     assert all(torch.equal(a, b) for a, b in zip(params, state.params))  # stopped before the mismatched step
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_the_normal_config_passes_under_half_precision_autocast(tiny_model_dir, tmp_path, precision):
+    """GPU tier: sampling and training under the same autocast keep the first update's ratio within the precision's limits."""
+    import json
+
+    from pxpo.stages.online import run_online
+
+    run_online(_cfg(tiny_model_dir, tmp_path / "r", "train.epochs=2", f"train.mixed_precision={precision}"), progress=False)
+    hist = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert all(h["ratio_dev_max"] < RATIO_LIMITS[precision][1] for h in hist), [h["ratio_dev_max"] for h in hist]

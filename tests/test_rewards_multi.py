@@ -127,3 +127,37 @@ def test_components_round_trip_through_params(tmp_path):
     p.write_text(dump_config(cfg))
     again = load_config(p)
     assert again.reward == cfg.reward and again.reward.describe() == "2*constant + 1*kb (group-normalised)"
+
+
+def test_contrast_rewards_black_and_white_pixels():
+    """contrast: |2 lum - 1|^(2 gamma): 1 at pure black or white, 0 at mid-grey; gamma sharpens it."""
+    x = torch.tensor([0.0, 0.5, 1.0, 0.25]).view(1, 1, 2, 2).expand(1, 3, 2, 2)
+    maps, _ = make_labeller("contrast")(x, ["a"])
+    torch.testing.assert_close(maps, torch.tensor([[[1.0, 0.0], [1.0, 0.25]]]))
+    torch.testing.assert_close(make_labeller("contrast", gamma=2.0)(x, ["a"])[0][0, 1, 1], torch.tensor(0.0625))
+    with pytest.raises(PxpoInputError, match="gamma"):
+        make_labeller("contrast", gamma=0)
+
+
+def test_the_label_stage_and_the_loop_log_each_component(tiny_model_dir, tmp_path):
+    """`pxpo label` stores each component's per-sample means with the maps; `pxpo run` logs reward_<key> per epoch."""
+    import json
+
+    from pxpo.stages.label import label
+    from pxpo.stages.online import run_online
+    from pxpo.stages.sample import sample
+    from pxpo.trajectories import load_reward_maps
+
+    over = [f"model.path={tiny_model_dir}", "sample.batch_size=4", "sample.num_steps=3", "train.batch_size=2",
+            "reward.components=[{name: brightness_target, label: left}, {name: contrast, weight: 0.5}]"]
+    cfg = load_config(None, [*over, f"output_dir={tmp_path / 'run'}", "train.epochs=2"])
+    sample(cfg, tmp_path / "traj")
+    s = label(cfg, tmp_path / "traj")
+    assert s["labeller"] == "1*left + 0.5*contrast"
+    maps, info = load_reward_maps(tmp_path / "traj", 4, (16, 16))
+    assert len(info["reward_left"]) == len(info["reward_contrast"]) == 4
+    torch.testing.assert_close(maps.mean((1, 2)), torch.tensor(info["reward_left"]) + 0.5 * torch.tensor(info["reward_contrast"]))
+    run_online(cfg, progress=False)
+    hist = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all({"reward_left", "reward_contrast"} <= set(h) for h in hist)
+    assert hist[0]["reward_mean"] == pytest.approx(hist[0]["reward_left"] + 0.5 * hist[0]["reward_contrast"], rel=1e-5)

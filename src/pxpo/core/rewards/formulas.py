@@ -73,3 +73,24 @@ def brightness_target(layout: Any = "left_bright", low: float = 0.0, high: float
         return maps, {"mean": _per_image_mean(maps)}
 
     return fn
+
+
+@register("contrast")
+def contrast(gamma: float = 1.0) -> LabelFn:
+    """Stroke / background contrast: ``|2 lum - 1| ** (2 gamma)`` per pixel, 1 for pure black or white, 0 for mid-grey.
+
+    Asks for crisp strokes on a clean background without saying where the
+    strokes go (compatible with any shape; an all-black image satisfies it too,
+    which the KL to the reference and a gold reward guard against).
+
+    Shapes: ``(B, 3, H, W) -> (B, H, W)``; range ``[0, 1]``.
+    """
+    g = _finite_float(gamma, "reward.kwargs.gamma")
+    if not g > 0:
+        raise PxpoInputError("reward.kwargs.gamma", f"must be > 0, got {g}", "use e.g. gamma: 1.0")
+
+    def fn(images: torch.Tensor, prompts: Sequence[str]) -> tuple[torch.Tensor, dict]:
+        maps = (2 * luminance(images).float() - 1).abs().pow(2 * g)
+        return maps, {"mean": _per_image_mean(maps)}
+
+    return fn
