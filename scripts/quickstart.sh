@@ -2,8 +2,11 @@
 # The main job on the embedded default: set up, build + pretrain the tiny model
 # (cached in models/base), then the whole Kubeflow pipeline locally (kfp.local):
 # prepare -> sample -> label -> train (x pipeline.rounds) -> evaluate -> register,
-# ending with an MLflow model version and a printed summary.
-# `bash scripts/quickstart.sh online` runs the single-process loop (`pxpo run`) instead.
+# ending with an MLflow model version and a printed summary: the trained reward, the gold
+# reward (prompt fidelity: evaluate.gold) of base and policy, and the promotion decision
+# (register.max_gold_drop refuses a policy that lost the prompted digit).
+# `bash scripts/quickstart.sh online` runs the single-process loop (`pxpo run`) instead,
+# then `pxpo evaluate` (held-out reward and gold reward, base vs policy).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -11,6 +14,8 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} TOKENIZERS_PARALLELISM=false
 .venv/bin/pxpo base build --out models/base
 if [ "${1:-pipeline}" = "online" ]; then
   shift
-  exec .venv/bin/pxpo run --params params.yaml --no-resume "$@"
+  .venv/bin/pxpo run --params params.yaml --no-resume "$@"
+  out=$(.venv/bin/python -c 'import sys; from pxpo.config import load_config; print(load_config("params.yaml", sys.argv[1:]).output_dir)' "$@")
+  exec .venv/bin/pxpo evaluate --params params.yaml --policy "$out" --out "$out/evaluation" "$@"
 fi
 exec .venv/bin/pxpo pipeline run --local --params params.yaml "$@"

@@ -29,6 +29,9 @@ def test_digit_fidelity_scores_the_prompted_digit():
     assert right.shape == (40, 16, 16) and (right == right[:, :1, :1]).all()  # a constant map per image
     assert right.mean() > 0.8 and np.mean(info["correct"]) > 0.9
     assert wrong.mean() < 0.1 and blank.mean() < 0.3
+    acc, _ = make_gold(load_config(None, ["evaluate.gold=[{name: digit_fidelity, kwargs: {score: correct}}]"]).evaluate)["digit_fidelity"](
+        images, [f"a handwritten digit {d}" for d in labels.tolist()])
+    assert set(acc.unique().tolist()) <= {0.0, 1.0} and acc.mean().item() == pytest.approx(np.mean(info["correct"]))
 
 
 def test_prompted_digit_and_a_prompt_without_one():
@@ -60,8 +63,10 @@ def test_bad_gold_configs(override, match):
 
 
 def test_the_shipped_params_gate_on_prompt_fidelity():
+    """The quickstart's default: prompt fidelity as gold, the gate on, and a KL to the base model."""
     cfg = load_config("params.yaml")
     assert [g.name for g in cfg.evaluate.gold] == ["digit_fidelity"] and cfg.register.max_gold_drop is not None
+    assert cfg.train.kl_coef > 0
 
 
 def test_evaluation_grid_rows_are_labelled(tmp_path):

@@ -228,11 +228,9 @@ def cmd_pipeline(args) -> int:
 
 
 def cmd_labellers(args) -> int:
-    from .config_rewards import known_labellers
+    from .config_rewards import known_labellers  # the core's labellers and the library's (digit_fidelity)
 
-    REGISTRY = known_labellers()  # the core's labellers and the library's (digit_fidelity)
-
-    for name, fn in sorted(REGISTRY.items()):
+    for name, fn in sorted(known_labellers().items()):
         doc = (fn.__doc__ or "").strip().splitlines()
         print(f"{name:24s} {doc[0] if doc else ''}")
     return 0

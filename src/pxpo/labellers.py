@@ -5,7 +5,8 @@
   embedded default. The map is constant per image, the probability that a
   logistic-regression digit classifier gives the digit the prompt names
   (``"a handwritten digit 7"`` -> 7), so 1.0 is a clearly recognisable
-  prompted digit and about 0.1 is chance. It is the embedded default's gold
+  prompted digit and about 0.1 is chance; with ``score: correct`` it is 1
+  where the classifier picks the prompted digit (the mean is its accuracy). It is the embedded default's gold
   reward (``evaluate.gold``): training on brightness can paint the image
   white and lose the digit; this labeller notices.
 * :func:`make_reward`: ``reward`` of the config as one labeller (one labeller,
@@ -67,8 +68,15 @@ def prompted_digit(prompt: str) -> int:
 
 
 @register("digit_fidelity")
-def digit_fidelity() -> LabelFn:
-    """Prompt fidelity on the embedded default: P(prompted digit) under a digit classifier, as a constant map."""
+def digit_fidelity(score: str = "probability") -> LabelFn:
+    """Prompt fidelity on the embedded default: P(prompted digit) under a digit classifier, as a constant map.
+
+    ``score``: ``"probability"`` (the classifier's probability of the prompted digit) or
+    ``"correct"`` (1 where the classifier's choice is the prompted digit, else 0: the mean is its accuracy).
+    Either way ``info`` has both (``scalar``, ``correct``).
+    """
+    if score not in ("probability", "correct"):
+        raise PxpoInputError("reward.kwargs.score", f"unknown score {score!r}", "use probability or correct")
     clf = digit_classifier()
 
     def fn(images: torch.Tensor, prompts: Sequence[str]) -> tuple[torch.Tensor, dict]:
@@ -77,7 +85,8 @@ def digit_fidelity() -> LabelFn:
         cols = {int(c): j for j, c in enumerate(clf.classes_)}
         p = torch.tensor([float(proba[i, cols[d]]) for i, d in enumerate(target)])
         correct = [float(int(clf.classes_[proba[i].argmax()]) == d) for i, d in enumerate(target)]
-        return constant_maps(p, *images.shape[-2:]).to(images.device), {"scalar": p.tolist(), "correct": correct}
+        value = p if score == "probability" else torch.tensor(correct)
+        return constant_maps(value, *images.shape[-2:]).to(images.device), {"scalar": p.tolist(), "correct": correct}
 
     return fn
 
