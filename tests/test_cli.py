@@ -48,7 +48,10 @@ def test_sample_label_train_chain(tmp_path, tiny_model_dir, capsys):
     )
     assert code == 0, err
     assert json.loads((tmp_path / "r1" / "pxpo_round.json").read_text())["completed_rounds"] == 3
-    assert [json.loads(x)["epoch"] for x in (tmp_path / "r1" / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    # the output's history is the whole run's (round 1's epoch, then this round's), as `pxpo run`'s is
+    assert [json.loads(x)["epoch"] for x in (tmp_path / "r1" / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2]
+    line = out.strip().splitlines()[-1]  # the stage's summary still lists this round's two epochs only
+    assert line.startswith("trained 2 round(s) to epoch 3: reward ") and line.count(" -> ") == 1, out
 
 
 def test_stage_chain_equals_online_run(tmp_path, tiny_model_dir, capsys):

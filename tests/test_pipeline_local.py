@@ -17,8 +17,11 @@ def test_local_pipeline_registers_a_champion(tmp_path, tiny_model_dir, monkeypat
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     params = {
         "sample": {"batch_size": 4, "num_steps": 3},
-        "train": {"batch_size": 2, "use_lora": True, "learning_rate": 1e-2, "clip_range": 0.1},
-        "evaluate": {"samples_per_prompt": 2},
+        "train": {"batch_size": 2, "use_lora": True, "learning_rate": 1e-2, "clip_range": 0.1, "kl_coef": 0.5},
+        # two reward components and a gold reward: all of issue 16's signals must reach MLflow and the KFP metrics
+        "reward": {"components": [{"name": "brightness_target", "kwargs": {"layout": "left_bright"}, "label": "left"},
+                                  {"name": "contrast", "weight": 0.5}]},
+        "evaluate": {"samples_per_prompt": 2, "gold": [{"name": "digit_fidelity", "kwargs": {"score": "correct"}}]},
         "register": {"model_name": "pxpo-test", "min_gain": -1.0},
     }
     pfile = tmp_path / "params.yaml"
@@ -29,7 +32,9 @@ def test_local_pipeline_registers_a_champion(tmp_path, tiny_model_dir, monkeypat
     )
     out = capsys.readouterr().out
     assert code == 0, out[-3000:]
-    assert "is champion" in out
+    assert "v1 PROMOTED to champion" in out
+    summary = out.strip().splitlines()[-1]  # the trained reward, the held-out reward and the gold reward of base and policy
+    assert summary.startswith("  trained reward ") and "held-out " in summary and "gold digit_fidelity " in summary, out
     # one line per task, no executor input or params on the terminal; full logs in files named in the output
     lines = out.strip().splitlines()
     assert len(lines) < 20, out
@@ -55,7 +60,15 @@ def test_local_pipeline_registers_a_champion(tmp_path, tiny_model_dir, monkeypat
     client = MlflowClient()
     mv = client.get_model_version_by_alias("pxpo-test", "champion")
     assert str(mv.version) == "1"
-    tags = client.get_run(mv.run_id).data.tags
+    run = client.get_run(mv.run_id)
+    logged = set(run.data.metrics)
+    for key in ("train.kl_ref", "train.ratio_dev_max", "train.reward_left", "train.reward_contrast",
+                "gold_digit_fidelity", "base_gold_digit_fidelity", "reward_left", "base_reward_left", "reward_contrast"):
+        assert key in logged, (key, sorted(logged))
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train.kl_ref")] == [0, 1]  # both rounds' epochs
+    (kfp_eval,) = root.rglob("evaluate/metrics")  # the evaluate task's KFP Metrics artifact
+    assert {"gold_digit_fidelity", "base_gold_digit_fidelity", "reward_left", "reward_contrast"} <= set(json.loads(kfp_eval.read_text()))
+    tags = run.data.tags
     assert tags.get("kfp.run_id") and tags.get("kfp.run_name")  # from dsl.PIPELINE_JOB_ID / _NAME_PLACEHOLDER
 
     # Per-section params: a change to `register` only re-runs register; sampling and training come from the cache.

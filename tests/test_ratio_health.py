@@ -103,7 +103,7 @@ def test_a_guidance_scale_that_differs_from_sampling_is_caught(tiny_model_dir, t
     params = [p.detach().clone() for p in state.params]
     with pytest.raises(TrainingStopped, match="importance ratio is off by .* on the first update") as e:
         run(cfg, pipe, state, labeller=make_labeller("brightness_target"), prompts=PromptSource.load("digits"),
-            tracker=JsonlTracker(tmp_path / "t"), progress=False, first_batch=(traj, maps), rounds=1)
+            tracker=JsonlTracker(tmp_path / "t"), progress=False, first_batch=(traj, maps, {}), rounds=1)
     assert "guidance scale" in e.value.fix and e.value.exit_code == 3
     assert all(torch.equal(a, b) for a, b in zip(params, state.params))  # stopped before the mismatched step
 

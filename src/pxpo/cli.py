@@ -206,11 +206,12 @@ def cmd_pipeline(args) -> int:
         uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(workdir / 'mlflow' / 'mlflow.db').resolve()}"
         (workdir / "mlflow").mkdir(parents=True, exist_ok=True)
         result = kc.run_local(cfg, prompts_uri=prompts_uri, model_ref=model_ref, workdir=workdir, mlflow_tracking_uri=uri, options=opts, verbose=args.verbose)
-        print(
-            f"pipeline finished in {result['wall_seconds']:.0f}s: {cfg.register.model_name} v{result.get('version')} "
-            + ("is champion" if result.get("promoted") else "registered as challenger (not promoted)")
-            + f"; MLflow: {uri}"
-        )
+        from .mlflow.promotion import format_summary
+
+        decided = "PROMOTED to champion" if result.get("promoted") else "registered as challenger, NOT promoted"
+        print(f"pipeline finished in {result['wall_seconds']:.0f}s: {cfg.register.model_name} v{result.get('version')} {decided}; MLflow: {uri}")
+        if summary := format_summary(result.get("summary") or {}):
+            print(f"  {summary}")
         return 0
     run_id = kc.submit(
         cfg,

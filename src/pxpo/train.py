@@ -159,7 +159,7 @@ def run(
     progress: bool = True,
     resume: bool = True,
     stop_after_epochs: int | None = None,
-    first_batch: tuple[Trajectories, torch.Tensor] | None = None,
+    first_batch: tuple[Trajectories, torch.Tensor, dict] | None = None,
     init_state: Path | None = None,
     rounds: int | None = None,
 ) -> dict:
@@ -177,7 +177,7 @@ def run(
     continues from the newest checkpoint. ``stop_after_epochs`` ends the
     process early (tests simulate a kill with it).
 
-    Stage form (``pxpo train``): ``first_batch`` = (trajectories, reward maps)
+    Stage form (``pxpo train``): ``first_batch`` = (trajectories, reward maps, the labeller's info)
     sampled and labelled by the sample/label stages replaces the first epoch's
     sampling and labelling; ``init_state`` is a previous stage output to
     continue from (its ``state/`` and ``pxpo_round.json``); ``rounds`` epochs
@@ -228,14 +228,13 @@ def run(
     for epoch in range(start_epoch, end_epoch):
         if first_batch is not None and epoch == start_epoch:
             # Stage form: this epoch's samples and maps come from the sample / label stages.
-            traj, maps = first_batch
+            traj, maps, info = first_batch  # info: the label stage's (reward_<key> of several components)
             if len(traj) != n_global:
                 raise PxpoInputError(
                     "trajectories", f"{len(traj)} samples, but the config's epoch has {n_global}", "sample with the same sample.batch_size and sample.num_batches"
                 )
             epoch_prompts, local = list(traj.prompts), _select(traj, mine) if world > 1 else traj
             t_sample = t_label = 0.0
-            info = {}
         else:
             # ---------------- SAMPLING ----------------
             t0 = time.perf_counter()

@@ -105,6 +105,29 @@ def gate_and_register(cfg, *, policy_dir: Path, eval_dir: Path, tracking_uri: st
                                   prompts=str(prompts) if prompts is not None else cfg.prompts.source)
 
 
+def run_summary(history: list[dict], metrics: dict) -> dict:
+    """What the decision is about, for the pipeline's last lines: the trained reward (first and last epoch of
+    ``history``, the policy's metrics.jsonl), the held-out reward and the gold rewards of base and policy."""
+    train = [h["reward_mean"] for h in history if isinstance(h.get("reward_mean"), (int, float))]
+    return {
+        "train_reward": [train[0], train[-1]] if train else None,
+        "heldout_reward": {"base": metrics.get("base_reward_mean"), "policy": metrics.get("reward_mean")},
+        "gold": metrics.get("gold", {}),
+    }
+
+
+def format_summary(summary: dict) -> str:
+    """``summary`` (:func:`run_summary`) as one line."""
+    parts = []
+    if summary.get("train_reward"):
+        parts.append("trained reward {:.4f} -> {:.4f} (training epochs)".format(*summary["train_reward"]))
+    h = summary.get("heldout_reward") or {}
+    if h.get("base") is not None and h.get("policy") is not None:
+        parts.append(f"held-out {h['base']:.4f} (base) -> {h['policy']:.4f} (policy)")
+    parts += [f"gold {k} {v['base']:.4f} (base) -> {v['policy']:.4f} (policy)" for k, v in (summary.get("gold") or {}).items()]
+    return "; ".join(parts)
+
+
 def _gate_and_register(cfg, *, policy_dir, eval_dir, tracking_uri, validation_reports, out, prompts) -> dict:
     from ..storage import write_json
     from .datasets import log_prompt_datasets
@@ -138,9 +161,9 @@ def _gate_and_register(cfg, *, policy_dir, eval_dir, tracking_uri, validation_re
             warnings.warn(f"prompt dataset not logged as run input: {e}", stacklevel=2)
             tracker.set_tags({"pxpo.prompts.not_logged": str(e)})
         hist = Path(policy_dir) / "metrics.jsonl"
-        if hist.is_file():
-            for line in hist.read_text().splitlines():
-                rec = json.loads(line)
+        history = [json.loads(line) for line in hist.read_text().splitlines()] if hist.is_file() else []
+        if history:
+            for rec in history:
                 tracker.log_metrics({f"train.{k}": v for k, v in rec.items() if k != "epoch" and isinstance(v, (int, float))}, step=int(rec["epoch"]))
         for img in ("samples_grid.png", "reward_overlay.png", "reward_map_mean.png"):
             if (Path(eval_dir) / img).is_file():
@@ -177,6 +200,7 @@ def _gate_and_register(cfg, *, policy_dir, eval_dir, tracking_uri, validation_re
     elif gold_text:
         decision["reason"] += f"; {gold_text}"
     decision["gold_passed"] = gold_ok
+    decision["summary"] = run_summary(history, metrics)
     decision.update(model_name=r.model_name, model_uri=model_uri, tracking_uri=tracking_uri, run_id=tracker.run_id)
     if out is not None:
         write_json(Path(out), decision)

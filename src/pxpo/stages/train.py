@@ -49,7 +49,7 @@ def train(cfg: Config, trajectories: Path, out: Path, *, state: Path | None = No
     check_launch()
     d = Path(trajectories)
     traj = load_trajectories(d, with_images=False)
-    maps, _ = load_reward_maps(d, len(traj), tuple(traj.meta["image_shape"][1:]))
+    maps, info = load_reward_maps(d, len(traj), tuple(traj.meta["image_shape"][1:]))
     check_sampling_matches(cfg, traj.meta, d)
     if state and not (Path(state) / "pxpo_round.json").is_file():
         raise PxpoInputError(str(state), "not a trainer state directory (no pxpo_round.json)", "pass the --out of a previous `pxpo train`")
@@ -66,14 +66,26 @@ def train(cfg: Config, trajectories: Path, out: Path, *, state: Path | None = No
             **collaborators,
             progress=progress,
             resume=False,
-            first_batch=(traj, maps),
+            first_batch=(traj, maps, info),
             init_state=Path(state) if state else None,
             rounds=rounds,
         )
-    hist = [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines() if x]
+        earlier = earlier_rounds(Path(state) if state else None)
+        if earlier and acc.is_main_process:  # the output's metrics.jsonl is the whole run's, as `pxpo run`'s is
+            f = tmp / "metrics.jsonl"
+            f.write_text("".join(json.dumps(h) + "\n" for h in earlier) + f.read_text())
+    hist = [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines() if x][len(earlier):]  # this round
     if history and acc.is_main_process:
         with atomic_file(Path(history)) as f:
             w = csv.DictWriter(f, fieldnames=HISTORY_COLUMNS, extrasaction="ignore")
             w.writeheader()
-            w.writerows(hist)
+            w.writerows(earlier + hist)
     return {**summary, "history": hist, "rounds": rounds}
+
+
+def earlier_rounds(state: Path | None) -> list[dict]:
+    """The per-epoch metrics of the rounds before this one: ``state``'s (the previous output's) metrics.jsonl."""
+    f = state / "metrics.jsonl" if state else None
+    if f is None or not f.is_file():
+        return []
+    return [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
