@@ -73,6 +73,17 @@ def test_nft_trains_on_the_forward_process(tmp_path, tiny_sd3_dir, algorithm):
     assert any(v.abs().sum() > 0 for k, v in lora.items() if "lora_B" in k)
 
 
+def test_the_kl_penalty_works_with_the_flow_sampler(tmp_path, tiny_sd3_dir):
+    """The reference re-scores the flow SDE's window steps: kl_ref is logged, > 0 once the policy moved, and it changes the update."""
+    for coef in (0.0, 5.0):
+        run(_cfg(tiny_sd3_dir, tmp_path / f"kl{coef}", "train.epochs=2", f"train.kl_coef={coef}"), JsonlTracker(tmp_path / f"kl{coef}"), progress=False)
+    hist = _history(tmp_path / "kl5.0")
+    assert all(torch.isfinite(torch.tensor(h["kl_ref"])) for h in hist) and hist[1]["kl_ref"] > 0, hist
+    assert "kl_ref" not in _history(tmp_path / "kl0.0")[0]
+    a, b = (load_file(str(tmp_path / d / "lora" / "pytorch_lora_weights.safetensors")) for d in ("kl0.0", "kl5.0"))
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
 def test_loaded_sd3_pipeline_speaks_the_loops_names(tiny_sd3_dir):
     from pxpo.core.flow import FlowSDEPolicy
     from pxpo.core.policy import make_policy

@@ -195,3 +195,25 @@ def test_full_finetune_reference_is_the_base_model_after_a_resume(tiny_model_dir
     a = load_file(str(tmp_path / "full" / "model" / "unet" / "diffusion_pytorch_model.safetensors"))
     b = load_file(str(tmp_path / "part" / "model" / "unet" / "diffusion_pytorch_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _trained(run_dir):
+    from safetensors.torch import load_file
+
+    return load_file(str(run_dir / "lora" / "pytorch_lora_weights.safetensors"))
+
+
+def test_the_kl_penalty_works_with_the_lcm_sampler(tiny_lcm_model_dir, tmp_path):
+    """The reference re-scores the LCM policy's steps: kl_ref is logged, > 0 once the policy moved, and it changes the update."""
+    import json
+
+    from pxpo.stages.online import run_online
+
+    extra = ["train.epochs=2", "sample.sampler=lcm", "sample.num_steps=4", "train.probe_every=0"]
+    for coef in (0.0, 5.0):
+        run_online(_cfg(tiny_lcm_model_dir, tmp_path / f"kl{coef}", *extra, f"train.kl_coef={coef}"), progress=False)
+    hist = [json.loads(x) for x in (tmp_path / "kl5.0" / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(h["kl_ref"]) for h in hist) and hist[1]["kl_ref"] > 0, hist
+    assert "kl_ref" not in json.loads((tmp_path / "kl0.0" / "metrics.jsonl").read_text().splitlines()[0])
+    a, b = _trained(tmp_path / "kl0.0"), _trained(tmp_path / "kl5.0")
+    assert any(not torch.equal(a[k], b[k]) for k in a)
