@@ -25,6 +25,15 @@ def _cosine(step: int, total: int, warmup: int = 50) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p))
 
 
+def ema_step(loss: torch.Tensor, opt, params, ema) -> None:
+    """One pretraining step: back-propagate ``loss``, clip the grad norm to 1, step, update the EMA weights."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    ema.step(params)
+
+
 def pretrain(pipe, spec: BaseModelSpec, progress: bool = True) -> dict:
     """Pretrain the VAE, then the UNet and text encoder jointly, in place.
 
@@ -98,11 +107,7 @@ def pretrain(pipe, spec: BaseModelSpec, progress: bool = True) -> dict:
         cond = te(ids).last_hidden_state
         pred = unet(zt, t, encoder_hidden_states=cond).sample
         loss = F.mse_loss(pred, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        ema.step(params)
+        ema_step(loss, opt, params, ema)
         if step % 20 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
     ema.copy_to(params)

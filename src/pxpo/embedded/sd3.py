@@ -39,8 +39,8 @@ import torch.nn.functional as F
 from ..plots import save_grid
 from ..prompts import digit_prompt
 from ..storage import atomic_dir
-from .digits import classify_images, digit_classifier, digits_dataset
-from .pretrain import _cosine
+from .digits import digits_dataset, stock_pipeline_digits
+from .pretrain import _cosine, ema_step
 from .tokenizer import build_tokenizer
 
 
@@ -219,11 +219,7 @@ def _train_flow(pipe, mean: torch.Tensor, std: torch.Tensor, labels: torch.Tenso
         noise = torch.randn(x0.shape, generator=g)
         v = tr(hidden_states=(1 - t) * x0 + t * noise, timestep=t.flatten() * 1000, encoder_hidden_states=embeds, pooled_projections=pooled).sample
         loss = F.mse_loss(v, noise - x0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        ema.step(params)
+        ema_step(loss, opt, params, ema)
         if step % 20 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
     ema.copy_to(params)
@@ -237,16 +233,7 @@ def evaluate_sd3_digits(pipe, per_digit: int = 8, steps: int = 20, guidance: flo
 
     Returns (images (10*per_digit, 3, H, W) in [0, 1], prompt-following accuracy of the digit classifier).
     """
-    import numpy as np
-
-    prompts = [digit_prompt(d) for d in range(10) for _ in range(per_digit)]
-    size = pipe.transformer.config.sample_size * pipe.vae_scale_factor
-    out = pipe(
-        prompts, height=size, width=size, num_inference_steps=steps, guidance_scale=guidance,
-        generator=torch.Generator().manual_seed(seed), output_type="pt",
-    ).images
-    pred = classify_images(digit_classifier(), out)
-    return out, float((pred == np.repeat(np.arange(10), per_digit)).mean())
+    return stock_pipeline_digits(pipe, pipe.transformer.config.sample_size, per_digit, steps, guidance, seed)
 
 
 def build_sd3_base(out_dir: Path, spec: SD3Spec, progress: bool = True) -> dict:
