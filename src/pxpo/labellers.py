@@ -93,10 +93,9 @@ def digit_fidelity(score: str = "probability") -> LabelFn:
 
 def make_reward(reward_cfg) -> LabelFn:
     """The labeller of a ``reward`` config section: ``name`` / ``kwargs``, or the weighted ``components``."""
-    specs = reward_cfg.labellers()
-    if len(specs) == 1 and not reward_cfg.components:
+    if not reward_cfg.components:
         return make_labeller(reward_cfg.name, **reward_cfg.kwargs)
-    comps = [Component(s.key, _labeller(s, f"reward.components[{i}]"), s.weight) for i, s in enumerate(specs)]
+    comps = [Component(s.key, _labeller(s, f"reward.components[{i}]"), s.weight) for i, s in enumerate(reward_cfg.components)]
     return combined_labeller(comps, reward_cfg.normalize)
 
 

@@ -80,11 +80,6 @@ class NFTStepRunner(StepRunner):
             with acc.autocast():
                 v = self.denoiser(x_t, t_net, cond)
             res = nft_loss(v, v_old, x_t, x0, sigma, r, beta=self.t.nft_beta, loss_scale=self.t.adv_clip_max)
-            acc.backward(res.loss * (k * weight * acc.gradient_accumulation_steps))
-        with torch.no_grad():
-            fin = torch.isfinite(res.loss)
-            vals = torch.stack([res.loss, res.positive, res.negative, res.old_deviation]).float().detach()
-            step_sums[0] += torch.where(fin, vals * k, torch.zeros_like(vals))
-            step_sums[1] += fin.float() * k
-            finite &= fin
+            self._backward(res.loss, k, weight)
+        self._record([res.loss, res.positive, res.negative, res.old_deviation], k, step_sums, finite)
         return k

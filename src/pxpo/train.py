@@ -116,7 +116,9 @@ def train_on_trajectories(
     guard = StepGuard.from_config(t) if guard is None else guard
     skipped_before = guard.skipped
     # ratio health (pxpo.guardrails.RatioHealth): one per run (it warns once), checked on each epoch's first update
-    health = state.extras.setdefault("ratio_health", RatioHealth.from_config(t, precision_of(acc, state.unet)))
+    if "ratio_health" not in state.extras:
+        state.extras["ratio_health"] = RatioHealth.from_config(t, precision_of(acc, state.unet))
+    health = state.extras["ratio_health"]
     health.start_epoch()
     data, where = EpochData(traj, advantages, acc.device), f"training epoch {epoch}"
     if nft:  # pxpo.nft_step: the same steps and pairs, DiffusionNFT's loss
@@ -141,11 +143,6 @@ def train_on_trajectories(
     out["skipped_steps"] = guard.skipped - skipped_before
     out.update(health.metrics())
     return out
-
-
-def _select(traj: Trajectories, part: slice) -> Trajectories:
-    """This process's block of a staged epoch's trajectories."""
-    return traj.select(part)
 
 
 def run(
@@ -197,7 +194,8 @@ def run(
         )
     acc.register_for_checkpointing(stat_tracker)
     # train.kl_coef > 0: the reference policy (pxpo.reference), taken before any state is loaded (= the base model)
-    state.extras.setdefault("kl_reference", Reference.build(state, cfg.train))
+    if "kl_reference" not in state.extras:  # built once: a full fine-tune's reference is a copy of the network
+        state.extras["kl_reference"] = Reference.build(state, cfg.train)
 
     start_epoch = 0
     ck = latest_checkpoint(run_dir) if resume else None
@@ -233,7 +231,7 @@ def run(
                 raise PxpoInputError(
                     "trajectories", f"{len(traj)} samples, but the config's epoch has {n_global}", "sample with the same sample.batch_size and sample.num_batches"
                 )
-            epoch_prompts, local = list(traj.prompts), _select(traj, mine) if world > 1 else traj
+            epoch_prompts, local = list(traj.prompts), traj.select(mine) if world > 1 else traj
             t_sample = t_label = 0.0
         else:
             # ---------------- SAMPLING ----------------

@@ -103,27 +103,38 @@ class StepRunner:
     def _chunk(self, s, j, weight: float, last: bool, step_sums, finite):
         acc, d = self.state.accelerator, self.data
         x_t, x_prev, lp_old, cond, adv = d.pairs(s, j)
+        j = j.to(d.device)
         k = len(s)
         sync = acc.no_sync(self.state.unet) if not last else contextlib.nullcontext()
         with sync:
             with acc.autocast():
-                out = self.policy.log_prob(self.denoiser, x_t, j.to(d.device), x_prev, cond, d.uncond)
+                out = self.policy.log_prob(self.denoiser, x_t, j, x_prev, cond, d.uncond)
             res = policy_loss(out.log_prob, lp_old, adv, self.t)
             loss, kl = res.loss, torch.zeros((), device=res.loss.device)
             if self.reference is not None:  # + kl_coef * mean per-element KL(policy || reference)
-                kl = self.reference.kl(self.policy, out, x_t, j.to(d.device), x_prev, cond, d.uncond, acc.autocast).mean()
+                kl = self.reference.kl(self.policy, out, x_t, j, x_prev, cond, d.uncond, acc.autocast).mean()
                 loss = loss + self.t.kl_coef * kl
             if self.health is not None and self.health.active:  # the epoch's first update: the ratio must be 1
                 self.health.observe(out.log_prob, lp_old)
-            # Accelerate divides by its gradient_accumulation_steps: undo it, the weights here are the whole scaling.
-            acc.backward(loss * (k * weight * acc.gradient_accumulation_steps))
-        with torch.no_grad():
-            fin = torch.isfinite(loss)
-            vals = torch.stack([loss, *res.diagnostics().values(), kl]).float().detach()
-            step_sums[0] += torch.where(fin, vals * k, torch.zeros_like(vals))
-            step_sums[1] += fin.float() * k
-            finite &= fin
+            self._backward(loss, k, weight)
+        self._record([loss, *res.diagnostics().values(), kl], k, step_sums, finite)
         return k
+
+    def _backward(self, loss: torch.Tensor, k: int, weight: float) -> None:
+        """Back-propagate a chunk of ``k`` pairs' mean ``loss`` with its share of the step (``k * weight``)."""
+        acc = self.state.accelerator
+        # Accelerate divides by its gradient_accumulation_steps: undo it, the weights here are the whole scaling.
+        acc.backward(loss * (k * weight * acc.gradient_accumulation_steps))
+
+    @staticmethod
+    @torch.no_grad()
+    def _record(values, k: int, step_sums, finite) -> None:
+        """Add a chunk's diagnostics (0-d tensors in :attr:`names` order, the loss first) for ``k`` pairs, if its loss is finite."""
+        vals = torch.stack(list(values)).float().detach()
+        fin = torch.isfinite(vals[0])
+        step_sums[0] += torch.where(fin, vals * k, torch.zeros_like(vals))
+        step_sums[1] += fin.float() * k
+        finite &= fin
 
     def step(self, s: torch.Tensor, j: torch.Tensor, bar=None) -> None:
         """One optimizer step on the pairs (s[i], j[i]), s and j (P,) local sample / transition indices."""
