@@ -53,6 +53,8 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from .kl import gaussian_kl as elementwise_kl
+
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 
@@ -158,7 +160,7 @@ def gaussian_kl(p: StepOutput, ref: StepOutput) -> torch.Tensor:
     (x_t, step_index), one with the trained weights and one with the reference
     (e.g. LoRA adapters disabled); the std depends on the schedule only.
     """
-    return (p.mean - ref.mean.detach()) ** 2 / (2 * p.std**2)
+    return elementwise_kl(p.mean, ref.mean.detach(), p.std)
 
 
 def batch_randn(shape: tuple[int, ...], generator=None) -> torch.Tensor:
