@@ -36,6 +36,8 @@ import torch
 
 from pxpo.errors import PxpoInputError
 
+from ..advantages import group_advantages
+
 from .common import constant_maps
 from .registry import LabelFn
 
@@ -67,16 +69,8 @@ def group_normalize(maps: torch.Tensor, prompts: Sequence[str], eps: float = EPS
     """
     if len(prompts) != maps.shape[0]:
         raise PxpoInputError("prompts", f"{len(prompts)} prompts for {maps.shape[0]} maps", "pass one prompt per map")
-    out = torch.empty_like(maps, dtype=torch.float32)
-    groups: dict[str, list[int]] = {}
-    for i, p in enumerate(prompts):
-        groups.setdefault(p, []).append(i)
-    for idx in groups.values():
-        sel = torch.as_tensor(idx, device=maps.device)
-        v = maps[sel].double()
-        resid = v - v.mean(0)
-        out[sel] = (resid / (resid.pow(2).mean().sqrt() + eps)).float()
-    return out
+    # the group statistics of GRPO's pixel-wise advantages: per-position mean, one std of the residuals
+    return group_advantages(prompts, maps, baseline="position", std="group", eps=eps).to(maps.device)
 
 
 def combine_maps(maps: Mapping[str, torch.Tensor], weights: Mapping[str, float], prompts: Sequence[str],
