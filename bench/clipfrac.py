@@ -79,14 +79,14 @@ def main(argv=None):
     import torch
 
     torch.set_num_threads(a.threads)
-    import pxpo.train as train_mod
+    import pxpo.training.loop as train_mod
     from pxpo.config import load_config
     from pxpo.labellers import make_reward
     from pxpo.prompts import PromptSource
-    from pxpo.rollout import label_images, sample_seed, sample_trajectories
+    from pxpo.training.rollout import label_images, sample_seed, sample_trajectories
     from pxpo.core.advantages import PerPromptStatTracker
     from pxpo.core.losses import element_clip_range
-    from pxpo.training_state import build_train_state
+    from pxpo.training.state import build_train_state
 
     params = "params.yaml" if Path("params.yaml").exists() else None
     overrides = list(a.overrides)
@@ -126,7 +126,7 @@ def main(argv=None):
 
         return wrapped
 
-    import pxpo.train_step as step_mod
+    import pxpo.training.step as step_mod
 
     for mod in (train_mod, step_mod):  # wherever the loop calls the losses from
         for name in ("pxpo_loss", "ddpo_loss"):

@@ -55,8 +55,8 @@ def main(argv=None) -> int:
     from pxpo.config import load_config
     from pxpo.core.losses import element_clip_range
     from pxpo.core.sampling import encode_cond
-    from pxpo.train_step import policy_loss
-    from pxpo.training_state import build_train_state
+    from pxpo.training.step import policy_loss
+    from pxpo.training.state import build_train_state
 
     base = [f"model.path={a.model}", "model.dtype=float32", "sample.num_steps=50", "sample.guidance_scale=5.0", "train.use_lora=true"]
     base += ["train.lora_rank=4", "train.lora_alpha=4.0", "train.learning_rate=3e-4", "train.clip_range=1e-4", "train.mixed_precision=auto"]

@@ -41,9 +41,9 @@ def main(argv=None):
     from pxpo.core.advantages import PerPromptStatTracker
     from pxpo.core.sampling import encode_prompts, sample_ddim
     from pxpo.prompts import draw_prompts, load_prompts
-    from pxpo.rollout import label_images, sample_seed, sample_trajectories
-    from pxpo.train import compute_advantages, train_on_trajectories
-    from pxpo.training_state import build_train_state
+    from pxpo.training.rollout import label_images, sample_seed, sample_trajectories
+    from pxpo.training.loop import compute_advantages, train_on_trajectories
+    from pxpo.training.state import build_train_state
 
     params = "params.yaml" if Path("params.yaml").exists() else None
     cfg = load_config(params, a.overrides)

@@ -8,10 +8,10 @@ configs (``pxpo base random --arch sd15``; built into --model if missing),
 512 px (64x64x4 latents), 32 samples x 50 DDIM steps, guidance 5, LoRA rank 4,
 lr 3e-4, fp16 mixed precision, sample.batch_size 8 x 4 batches,
 train.batch_size 4, compute batches ``auto``. Each epoch runs the functions
-``pxpo run`` runs (:func:`pxpo.rollout.sample_trajectories`,
-:func:`pxpo.rollout.label_images`, :func:`pxpo.train.compute_advantages`,
-:func:`pxpo.train.train_on_trajectories`) on the state
-:func:`pxpo.training_state.build_train_state` builds from the config, so it
+``pxpo run`` runs (:func:`pxpo.training.rollout.sample_trajectories`,
+:func:`pxpo.training.rollout.label_images`, :func:`pxpo.training.loop.compute_advantages`,
+:func:`pxpo.training.loop.train_on_trajectories`) on the state
+:func:`pxpo.training.state.build_train_state` builds from the config, so it
 measures pxpo, not a copy. The first epoch is a warm-up (kernel selection,
 ``auto`` compute-batch measurement, torch.compile); the last is reported.
 
@@ -154,7 +154,7 @@ def unet_floor(state, traj, cfg, batches, repeats: int) -> dict:
     """
     import torch
 
-    from pxpo.compute_batch import is_oom
+    from pxpo.training.compute_batch import is_oom
     from pxpo.core.policy import Cond, base_network
 
     acc, unet, policy = state.accelerator, state.unet, state.policy
@@ -242,9 +242,9 @@ def main(argv=None) -> int:
     from pxpo.labellers import make_reward
     from pxpo.core.advantages import PerPromptStatTracker
     from pxpo.prompts import PromptSource
-    from pxpo.rollout import label_images, sample_seed, sample_trajectories
-    from pxpo.train import compute_advantages, train_on_trajectories
-    from pxpo.training_state import build_train_state
+    from pxpo.training.rollout import label_images, sample_seed, sample_trajectories
+    from pxpo.training.loop import compute_advantages, train_on_trajectories
+    from pxpo.training.state import build_train_state
 
     t_build = time.perf_counter()
     tmp = Path(tempfile.gettempdir())
@@ -271,7 +271,7 @@ def main(argv=None) -> int:
             prompts = prompts_src.draw(n, sample_seed(cfg.seed, epoch, 0, 0))
             seeds = [sample_seed(cfg.seed, epoch, 0, i) for i in range(n)]
             t0 = time.perf_counter()
-            with state.accelerator.autocast():  # as pxpo.train.run
+            with state.accelerator.autocast():  # as pxpo.training.loop.run
                 traj = sample_trajectories(pipe, cfg, prompts, seeds, batch_size=cfg.sample.batch_size, policy=state.policy, compute=state.sample_compute)
             _sync(device)
             t1 = time.perf_counter()

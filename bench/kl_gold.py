@@ -31,7 +31,7 @@ def _score(cfg, pipe, unet_state, prompts, seeds):
     import numpy as np
 
     from pxpo.labellers import make_reward, make_gold
-    from pxpo.rollout import label_images, sample_trajectories
+    from pxpo.training.rollout import label_images, sample_trajectories
 
     if unet_state is not None:
         pipe.unet.load_state_dict(unet_state)

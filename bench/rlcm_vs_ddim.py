@@ -43,7 +43,7 @@ def _one(args):
     from pxpo.config import load_config
     from pxpo.prompts import draw_prompts, load_prompts
     from pxpo.tracking import JsonlTracker
-    from pxpo.rollout import sample_trajectories
+    from pxpo.training.rollout import sample_trajectories
     from pxpo.stages.online import run_online as run
     from pxpo.models import load_pipeline, load_policy_into
 

@@ -335,7 +335,7 @@ def test_coverage_by_file_or_folder_with_interpolation():
     assert deps[0] == PurePosixPath("models/base")
     assert covered(PurePosixPath("src/pxpo/core/ddim.py"), deps)
     assert covered(PurePosixPath("src/pxpo/cli.py"), deps) and covered(PurePosixPath("src/pxpo/x.py"), deps)
-    assert not covered(PurePosixPath("src/pxpo/train.py"), deps)
+    assert not covered(PurePosixPath("src/pxpo/training/loop.py"), deps)
     assert not covered(PurePosixPath("src/pxpo/core_extra.py"), deps)
     with pytest.raises(KeyError):
         interpolate("${nope.x}", {})

@@ -99,7 +99,7 @@ def _cfg(sdxl_dir, out=None, *extra):
 
 def test_rollout_equals_diffusers_sdxl_pipeline(sdxl, sdxl_dir):
     """Same seeds, eta 1, guidance 3: pxpo's x_0 is the latent diffusers' StableDiffusionXLPipeline returns."""
-    from pxpo.rollout import sample_trajectories
+    from pxpo.training.rollout import sample_trajectories
 
     traj = sample_trajectories(sdxl, _cfg(sdxl_dir), PROMPTS, [5, 6])
     assert traj.latents.shape == (2, 4, 4, 8, 8) and traj.pooled_prompt_embeds.shape == (2, 24) and traj.time_ids.shape == (2, 6)
@@ -109,7 +109,7 @@ def test_rollout_equals_diffusers_sdxl_pipeline(sdxl, sdxl_dir):
 
 
 def test_recomputed_log_probs_equal_stored_and_artifact_roundtrips(sdxl, sdxl_dir, tmp_path):
-    from pxpo.rollout import sample_trajectories
+    from pxpo.training.rollout import sample_trajectories
     from pxpo.trajectories import load_trajectories, save_trajectories
 
     cfg = _cfg(sdxl_dir)

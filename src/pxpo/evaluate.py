@@ -78,7 +78,7 @@ def evaluate(cfg: Config, policy_dir: str | None, out_dir: Path, *, samples_per_
     from .plots import save_grid, save_labelled_grid
     from .prompts import load_weighted_prompts
     from .storage import atomic_dir
-    from .rollout import label_images, sample_seed, sample_trajectories
+    from .training.rollout import label_images, sample_seed, sample_trajectories
 
     pipe = load_configured_pipeline(cfg)
     split = "heldout" if Path(cfg.prompts.source).is_dir() else "train"
@@ -138,7 +138,7 @@ def gold_metrics(gold: dict, base_images: torch.Tensor, images: torch.Tensor, pr
     Returns ``gold`` = {key: {"base", "policy"}} and the flat ``gold_<key>`` (policy),
     ``base_gold_<key>`` (and ``gold_<key>_accuracy`` where the labeller reports ``correct``).
     """
-    from .rollout import label_images
+    from .training.rollout import label_images
 
     out: dict = {"gold": {}} if gold else {}
     for key, fn in gold.items():

@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pxpo.config_rewards import known_labellers
+from pxpo.config.rewards import known_labellers
 from pxpo.core import rewards as R
 from pxpo.errors import PxpoInputError
 

@@ -128,7 +128,7 @@ def test_two_lora_epochs_and_resume_on_cuda(tmp_path, tiny_model_dir, precision)
 
     GPU kernels are not bit-reproducible in general, so the resumed weights
     must match the uninterrupted run's to a tolerance (LoRA weights of order
-    1e-2; atol 1e-4) rather than exactly as on CPU (tests/test_train.py).
+    1e-2; atol 1e-4) rather than exactly as on CPU (tests/training/test_loop.py).
     """
     from pxpo.stages.online import run_online as run
     from pxpo.tracking import JsonlTracker
@@ -155,7 +155,7 @@ def test_two_lora_epochs_and_resume_on_cuda(tmp_path, tiny_model_dir, precision)
 
 def test_compute_batch_falls_back_on_a_real_cuda_oom():
     """ComputeBatch.run: a size that runs out of GPU memory is halved with a warning and the work redone."""
-    from pxpo.compute_batch import ComputeBatch
+    from pxpo.training.compute_batch import ComputeBatch
 
     free, total_mem = torch.cuda.mem_get_info()
     per_item = int(0.4 * free)  # 3 items never fit; 2 fit only if 80 % is free; 1 always fits
@@ -202,7 +202,7 @@ def test_training_step_fallback_gives_the_gradient_of_a_small_compute_batch(tmp_
     """
     import re
 
-    import pxpo.train as train_mod
+    import pxpo.training.loop as train_mod
     from pxpo.stages.online import run_online as run
     from pxpo.tracking import JsonlTracker
 

@@ -1,6 +1,6 @@
 """The policy protocol: one small contract every sampler module implements.
 
-The loop (:mod:`pxpo.rollout`, :mod:`pxpo.train`) holds ONE policy object and
+The loop (:mod:`pxpo.training.rollout`, :mod:`pxpo.training.loop`) holds ONE policy object and
 never asks which sampler it is (diffusers' answer for schedulers: one class per
 file with the same ``step()``). Implementations: :class:`pxpo.core.ddim.DDIMPolicy`
 (stochastic DDIM, DDPO arXiv 2305.13301), :class:`pxpo.core.lcm.LCMPolicy`

@@ -25,7 +25,7 @@ def label(cfg: Config, trajectories: Path, *, out: Path | None = None, validate:
         ``{"num_samples": n, "reward_mean": float, "labeller": name, "out": str}``.
     """
     from ..labellers import make_reward
-    from ..rollout import label_images
+    from ..training.rollout import label_images
     from ..trajectories import load_trajectories
 
     d = Path(trajectories)

@@ -72,7 +72,7 @@ def push(cfg: Config, trajectories: Path) -> dict:
     maps = None
     if cfg.label.pre_annotate and todo:
         from ..labellers import make_reward
-        from ..rollout import label_images
+        from ..training.rollout import label_images
 
         idx = torch.as_tensor(todo)
         labeller = make_reward(cfg.reward)

@@ -9,15 +9,15 @@ from ..tracking import JsonlTracker, Tracker
 
 
 def loop_collaborators(cfg: Config) -> dict:
-    """What :func:`pxpo.train.run` receives, built from ``cfg``: pipe, state, labeller, prompts.
+    """What :func:`pxpo.training.loop.run` receives, built from ``cfg``: pipe, state, labeller, prompts.
 
     The labeller and the prompt source are built first, so a bad reward or
     prompt file fails before the model loads.
     """
-    from ..distributed import check_launch
+    from ..training.distributed import check_launch
     from ..labellers import make_reward
     from ..prompts import PromptSource
-    from ..training_state import build_train_state
+    from ..training.state import build_train_state
 
     check_launch()  # a world size > 1 without a process group: exit 2 before anything is loaded or written
     labeller = make_reward(cfg.reward)
@@ -30,11 +30,11 @@ def run_online(cfg: Config, tracker: Tracker | None = None, **loop_kwargs) -> di
     """``train.epochs`` epochs of sample -> label -> train into ``cfg.output_dir`` (resuming by default).
 
     ``tracker`` defaults to a :class:`~pxpo.tracking.JsonlTracker` writing
-    ``<output_dir>/metrics.jsonl``; ``loop_kwargs`` go to :func:`pxpo.train.run`
+    ``<output_dir>/metrics.jsonl``; ``loop_kwargs`` go to :func:`pxpo.training.loop.run`
     (``progress``, ``resume``, ``stop_after_epochs``, ...). Returns the summary.
     """
-    from ..distributed import check_launch
-    from ..train import run
+    from ..training.distributed import check_launch
+    from ..training.loop import run
 
     check_launch()
     tracker = tracker if tracker is not None else JsonlTracker(Path(cfg.output_dir))
@@ -53,7 +53,7 @@ def launch(cfg: Config, processes: int, args) -> int:
     """
     import os
 
-    from ..distributed import check_divisible, env_world_size, torchrun_argv, worker_env
+    from ..training.distributed import check_divisible, env_world_size, torchrun_argv, worker_env
     from ..errors import PxpoInputError
 
     if processes < 1:

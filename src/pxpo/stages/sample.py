@@ -29,7 +29,7 @@ def sample(cfg: Config, out: Path, *, policy: str | Path | None = None, epoch: i
     """
     from ..models import load_configured_pipeline, load_policy_into
     from ..prompts import PromptSource
-    from ..rollout import sample_seed, sample_trajectories
+    from ..training.rollout import sample_seed, sample_trajectories
     from ..trajectories import save_trajectories
 
     pipe = load_configured_pipeline(cfg)

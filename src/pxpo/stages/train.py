@@ -39,10 +39,10 @@ def train(cfg: Config, trajectories: Path, out: Path, *, state: Path | None = No
     per-epoch metrics as CSV (DVC plots). Returns the summary plus
     ``history`` (the per-epoch metrics) and ``rounds``.
     """
-    from ..distributed import check_launch, shared_atomic_dir
+    from ..training.distributed import check_launch, shared_atomic_dir
     from ..storage import atomic_file
     from ..tracking import JsonlTracker
-    from ..train import run
+    from ..training.loop import run
     from ..trajectories import load_reward_maps, load_trajectories
     from .online import loop_collaborators
 

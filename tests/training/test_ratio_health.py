@@ -1,4 +1,4 @@
-"""Importance-ratio health (pxpo.guardrails.RatioHealth): thresholds by precision, warn once, stop with the causes."""
+"""Importance-ratio health (pxpo.training.guardrails.RatioHealth): thresholds by precision, warn once, stop with the causes."""
 
 import warnings
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pxpo.config import load_config
-from pxpo.guardrails import RATIO_LIMITS, RatioHealth, TrainingStopped
+from pxpo.training.guardrails import RATIO_LIMITS, RatioHealth, TrainingStopped
 
 
 def test_limits_follow_precision_and_config():
@@ -88,10 +88,10 @@ def test_a_guidance_scale_that_differs_from_sampling_is_caught(tiny_model_dir, t
     """Samples drawn at guidance 3 and re-scored at another scale: the first update's ratio is far from 1; the run stops."""
     from pxpo.core.rewards import make_labeller
     from pxpo.prompts import PromptSource
-    from pxpo.rollout import sample_trajectories
+    from pxpo.training.rollout import sample_trajectories
     from pxpo.tracking import JsonlTracker
-    from pxpo.train import run
-    from pxpo.training_state import build_train_state
+    from pxpo.training.loop import run
+    from pxpo.training.state import build_train_state
 
     sampled = _cfg(tiny_model_dir, tmp_path / "s", "sample.guidance_scale=3.0")
     pipe, state = build_train_state(sampled)

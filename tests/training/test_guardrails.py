@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pxpo.config import load_config
-from pxpo.guardrails import StepGuard, TrainingStopped
+from pxpo.training.guardrails import StepGuard, TrainingStopped
 from pxpo.tracking import JsonlTracker
 
 FAST = ["sample.batch_size=4", "sample.num_steps=3", "train.batch_size=2", "train.save_every=1", "train.learning_rate=1e-2", "train.clip_range=0.1"]
@@ -39,8 +39,8 @@ def test_step_guard_grad_norm_spike():
 @pytest.fixture(scope="module")
 def batch(tiny_model_dir, tmp_path_factory):
     """A built TrainState and 4 sampled trajectories of the tiny model."""
-    from pxpo.rollout import sample_trajectories
-    from pxpo.training_state import build_train_state
+    from pxpo.training.rollout import sample_trajectories
+    from pxpo.training.state import build_train_state
 
     # train.ratio_stop: the tests share the state, so the second trains on trajectories of weights the first changed
     cfg = _cfg(tiny_model_dir, tmp_path_factory.mktemp("g"), "train.max_skipped_steps=10", "train.ratio_stop=1e30")
@@ -55,7 +55,7 @@ def _params(state):
 
 @pytest.mark.parametrize("inject", ["nan_map", "huge_advantage"])
 def test_non_finite_step_is_skipped_and_counted(batch, inject):
-    from pxpo.train import train_on_trajectories
+    from pxpo.training.loop import train_on_trajectories
 
     cfg, state, traj = batch
     adv = torch.ones(4, 8, 8)
@@ -74,10 +74,10 @@ def test_non_finite_step_is_skipped_and_counted(batch, inject):
 
 
 def test_run_stops_and_rolls_back_to_last_checkpoint(tmp_path, tiny_model_dir, monkeypatch):
-    import pxpo.train
+    import pxpo.training.loop
     from pxpo.stages.online import run_online as run
 
-    real = pxpo.train.compute_advantages
+    real = pxpo.training.loop.compute_advantages
     calls = {"n": 0}
 
     def poisoned(*a, **k):
@@ -85,7 +85,7 @@ def test_run_stops_and_rolls_back_to_last_checkpoint(tmp_path, tiny_model_dir, m
         adv = real(*a, **k)
         return adv * float("nan") if calls["n"] == 3 else adv
 
-    monkeypatch.setattr(pxpo.train, "compute_advantages", poisoned)
+    monkeypatch.setattr(pxpo.training.loop, "compute_advantages", poisoned)
     out = tmp_path / "r"
     cfg = _cfg(tiny_model_dir, out, "train.epochs=4", "train.max_skipped_steps=1", "train.keep_checkpoints=5")
     with pytest.raises(TrainingStopped) as e:
@@ -95,18 +95,18 @@ def test_run_stops_and_rolls_back_to_last_checkpoint(tmp_path, tiny_model_dir, m
     assert [json.loads(x)["epoch"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [0, 1]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["epoch_0000", "epoch_0001"]
     # nothing lost: the resumed run continues from epoch 2 and finishes
-    monkeypatch.setattr(pxpo.train, "compute_advantages", real)
+    monkeypatch.setattr(pxpo.training.loop, "compute_advantages", real)
     summary = run(cfg, JsonlTracker(out), progress=False)
     assert summary["completed_epochs"] == 4
     assert [json.loads(x)["epoch"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2, 3]
 
 
 def test_cli_exit_code_of_a_stopped_run(tmp_path, tiny_model_dir, monkeypatch, capsys):
-    import pxpo.train
+    import pxpo.training.loop
     from pxpo.cli import main
 
-    real = pxpo.train.compute_advantages
-    monkeypatch.setattr(pxpo.train, "compute_advantages", lambda *a, **k: real(*a, **k) * float("nan"))
+    real = pxpo.training.loop.compute_advantages
+    monkeypatch.setattr(pxpo.training.loop, "compute_advantages", lambda *a, **k: real(*a, **k) * float("nan"))
     rc = main(["run", f"model.path={tiny_model_dir}", f"output_dir={tmp_path / 'r'}", *FAST, "train.epochs=1", "train.max_skipped_steps=0"])
     assert rc == 3
     assert "no checkpoint yet" in capsys.readouterr().err

@@ -1,6 +1,6 @@
-"""One torchrun worker of tests/test_distributed.py: several short runs in one launch.
+"""One torchrun worker of tests/training/test_distributed.py: several short runs in one launch.
 
-Usage: ``python -m torch.distributed.run --standalone --nproc_per_node N tests/distributed_worker.py SPEC.json``.
+Usage: ``python -m torch.distributed.run --standalone --nproc_per_node N tests/training/distributed_worker.py SPEC.json``.
 SPEC is ``{"runs": [[override, ...], ...], "record": DIR}``. Each run goes
 through ``pxpo.cli.main(["run", ...])`` exactly as ``pxpo run`` does; the
 advantages every rank computes (and how many gathers each epoch made) are
@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 
-import pxpo.train
+import pxpo.training.loop
 from pxpo.cli import main
 
-_real = pxpo.train.global_advantages
+_real = pxpo.training.loop.global_advantages
 RECORDS: list = []
 
 
@@ -39,7 +39,7 @@ def recording(acc, tracker, compute, prompts, maps, *, gathered):
 
 
 def run_all(spec: dict, rank: int) -> int:
-    pxpo.train.global_advantages = recording
+    pxpo.training.loop.global_advantages = recording
     record = Path(spec["record"])
     for i, overrides in enumerate(spec["runs"]):
         RECORDS.clear()

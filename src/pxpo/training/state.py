@@ -2,7 +2,7 @@
 saving the policy and checkpoints.
 
 :func:`build_train_state` is what a stage calls to get the loop's pipeline
-and :class:`TrainState` from a config; the loop itself (:mod:`pxpo.train`)
+and :class:`TrainState` from a config; the loop itself (:mod:`pxpo.training.loop`)
 receives them.
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .config import Config
+from ..config import Config
 
 
 @dataclass
@@ -24,7 +24,7 @@ class TrainState:
 
     ``policy``: the :class:`pxpo.core.policy.Policy` the run samples and trains
     with (built once from ``cfg.sample`` and the scheduler). ``train_compute`` /
-    ``sample_compute``: the run's :class:`pxpo.compute_batch.ComputeBatch`es
+    ``sample_compute``: the run's :class:`pxpo.training.compute_batch.ComputeBatch`es
     (``auto`` measures once per run). ``compiled``: with ``train.compile``, the
     torch.compile'd networks the denoisers call (``unet`` itself stays as is).
     """
@@ -52,8 +52,8 @@ def build_train_state(cfg: Config, accelerator=None):
 
     from .distributed import check_accelerator, check_divisible
     from .compute_batch import ComputeBatch
-    from .core.policy import make_policy
-    from .models import add_lora, compile_network, load_configured_pipeline, resolve_dtype
+    from ..core.policy import make_policy
+    from ..models import add_lora, compile_network, load_configured_pipeline, resolve_dtype
 
     t = cfg.train
     if accelerator is None:
@@ -62,7 +62,7 @@ def build_train_state(cfg: Config, accelerator=None):
             mp = "fp16" if torch.cuda.is_available() else "no"
         # cpu=True on a machine without CUDA: under torchrun (WORLD_SIZE > 1) Accelerate then forms a gloo
         # group instead of starting N independent runs; on GPUs torchrun's LOCAL_RANK selects NCCL.
-        # No gradient accumulation here: pxpo.train_step scales and syncs each optimizer step's chunks itself.
+        # No gradient accumulation here: pxpo.training.step scales and syncs each optimizer step's chunks itself.
         accelerator = Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available())
     if accelerator.device.type == "cuda":  # TF32 matmuls and convolutions (Ampere and later): fp32 LoRA weights and VAE
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -110,7 +110,7 @@ def build_train_state(cfg: Config, accelerator=None):
 
 def save_policy(state: TrainState, cfg: Config, out_dir: Path) -> None:
     """Save the trained policy: LoRA (diffusers format) or the full UNet."""
-    from .models import save_lora
+    from ..models import save_lora
 
     unet = state.accelerator.unwrap_model(state.unet)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,7 @@ from typing import Annotated, Any, get_args
 from pydantic import BaseModel, BeforeValidator, ValidationError
 from pydantic_core import PydanticCustomError
 
-from .errors import PxpoInputError
+from ..errors import PxpoInputError
 
 
 def _not_bool(value):

@@ -18,10 +18,10 @@ from __future__ import annotations
 import torch
 
 from .compute_batch import ComputeBatch
-from .config import Config
-from .core.policy import Cond, Policy, make_policy
-from .core.sampling import decode_latents, encode_cond, latent_hw
-from .trajectories import Trajectories, check_reward_maps, make_meta, quantize_images
+from ..config import Config
+from ..core.policy import Cond, Policy, make_policy
+from ..core.sampling import decode_latents, encode_cond, latent_hw
+from ..trajectories import Trajectories, check_reward_maps, make_meta, quantize_images
 
 
 def sample_seed(seed: int, epoch: int, process: int, index: int) -> int:

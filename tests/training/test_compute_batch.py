@@ -16,12 +16,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pxpo.compute_batch import ComputeBatch, is_oom, pick_compute_batch
+from pxpo.training.compute_batch import ComputeBatch, is_oom, pick_compute_batch
 from pxpo.config import load_config
 from pxpo.stages.online import run_online as run
 from pxpo.tracking import JsonlTracker
 
-# As tests/test_distributed.py: adam_epsilon=1 keeps Adam's update linear in the gradient (with 1e-8 the first
+# As tests/training/test_distributed.py: adam_epsilon=1 keeps Adam's update linear in the gradient (with 1e-8 the first
 # update is +-lr for every element, so float summation order would show); no clipping.
 FAST = ["sample.batch_size=4", "sample.num_steps=3", "train.batch_size=2", "train.gradient_accumulation_steps=2",
         "train.learning_rate=0.1", "train.clip_range=0.1", "train.min_count=2", "train.buffer_size=4", "train.epochs=2",
@@ -56,16 +56,16 @@ def test_any_compute_batch_gives_the_same_parameters(tmp_path, tiny_model_dir, r
 
 def test_a_wrong_loss_scale_would_show(tmp_path, tiny_model_dir, reference, monkeypatch):
     """The equality above can fail: doubling every chunk's weight moves the parameters."""
-    import pxpo.train_step
+    import pxpo.training.step
 
-    real = pxpo.train_step.policy_loss
+    real = pxpo.training.step.policy_loss
 
     def doubled(*a, **k):
         out = real(*a, **k)
         out.loss = out.loss * 2
         return out
 
-    monkeypatch.setattr(pxpo.train_step, "policy_loss", doubled)
+    monkeypatch.setattr(pxpo.training.step, "policy_loss", doubled)
     got = _run(tiny_model_dir, tmp_path, "train.compute_batch=12")
     assert _max_diff(reference, got) > 100 * TOL
 
@@ -86,9 +86,9 @@ class _OOMAbove(torch.nn.Module):
 
 def test_training_falls_back_to_half_on_oom(tmp_path, tiny_model_dir, reference, monkeypatch):
     """train.compute_batch=12 with a network that fails above 6 rows (3 guided pairs): 12 -> 6 -> 3, same parameters."""
-    import pxpo.train_step
+    import pxpo.training.step
 
-    real_init = pxpo.train_step.StepRunner.__init__
+    real_init = pxpo.training.step.StepRunner.__init__
     nets = []
 
     def init(self, state, *a, **k):
@@ -96,7 +96,7 @@ def test_training_falls_back_to_half_on_oom(tmp_path, tiny_model_dir, reference,
         self.denoiser.net = _OOMAbove(self.denoiser.net, 6)
         nets.append(self.denoiser.net)
 
-    monkeypatch.setattr(pxpo.train_step.StepRunner, "__init__", init)
+    monkeypatch.setattr(pxpo.training.step.StepRunner, "__init__", init)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         got = _run(tiny_model_dir, tmp_path, "train.compute_batch=12", "sample.compute_batch=4")
@@ -107,7 +107,7 @@ def test_training_falls_back_to_half_on_oom(tmp_path, tiny_model_dir, reference,
 
 
 def test_sampling_falls_back_to_half_on_oom(tiny_pipe):
-    from pxpo.rollout import sample_trajectories
+    from pxpo.training.rollout import sample_trajectories
 
     cfg = load_config(None, ["sample.num_steps=2", "sample.compute_batch=4"])
     prompts, seeds = ["a handwritten digit 1"] * 4, [0, 1, 2, 3]
@@ -169,9 +169,9 @@ def test_auto_size_from_measured_memory():
 
 
 def _host_reads(model_dir, out, compute_batch, monkeypatch) -> tuple[list[str], dict]:
-    from pxpo.rollout import sample_trajectories
-    from pxpo.train import train_on_trajectories
-    from pxpo.training_state import build_train_state
+    from pxpo.training.rollout import sample_trajectories
+    from pxpo.training.loop import train_on_trajectories
+    from pxpo.training.state import build_train_state
 
     cfg = load_config(None, [f"model.path={model_dir}", f"output_dir={out}", *FAST, f"train.compute_batch={compute_batch}"])
     pipe, state = build_train_state(cfg)

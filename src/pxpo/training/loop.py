@@ -5,10 +5,10 @@ One epoch, top to bottom (:func:`run`):
 1. SAMPLING: draw prompts, roll out the current policy (``state.policy``, a
    :class:`pxpo.core.policy.Policy`: stochastic DDIM, LCM, ...) with
    classifier-free guidance, keep every latent and per-element log-prob
-   (:func:`pxpo.rollout.sample_trajectories`), ``sample.compute_batch``
+   (:func:`pxpo.training.rollout.sample_trajectories`), ``sample.compute_batch``
    samples per UNet call.
 2. LABELLING: decode x_0, score with the reward labeller -> maps (N, H, W)
-   (:func:`pxpo.rollout.label_images`).
+   (:func:`pxpo.training.rollout.label_images`).
 3. ADVANTAGES: map to the latent grid and normalise per prompt
    (:func:`compute_advantages`); DDPO uses each map's mean as its scalar.
 4. TRAINING: shuffle samples, permute the policy's trained transitions per
@@ -16,7 +16,7 @@ One epoch, top to bottom (:func:`run`):
    (``policy.log_prob``), PXPO or DDPO loss; an optimizer step's (sample,
    timestep) pairs are computed ``train.compute_batch`` per UNet call and
    summed, the grad norm clipped, one host read per step
-   (:func:`train_on_trajectories`, :mod:`pxpo.train_step`).
+   (:func:`train_on_trajectories`, :mod:`pxpo.training.step`).
 
 The loop holds one policy object and never asks which sampler it is.
 
@@ -31,7 +31,7 @@ GPUs) give the run one process gives, up to float summation order: sample i
 of an epoch has the same prompt and noise for any N, each process rolls out
 and trains on its block, the reward maps are gathered once for the per-prompt
 statistics, and DDP averages the gradients of each global micro-batch
-(:mod:`pxpo.distributed`, docs/distributed.md).
+(:mod:`pxpo.training.distributed`, docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -42,20 +42,20 @@ from pathlib import Path
 
 import torch
 
-from .config import Config
-from .errors import PxpoInputError
-from .core.advantages import GroupRelative, PerPromptStatTracker, to_latent_grid
-from .core.rewards import component_means
+from ..config import Config
+from ..errors import PxpoInputError
+from ..core.advantages import GroupRelative, PerPromptStatTracker, to_latent_grid
+from ..core.rewards import component_means
 from .guardrails import DriftProbe, RatioHealth, StepGuard, TrainingStopped, precision_of, rollback
 from .distributed import global_advantages, mean_over_processes, micro_batches, shard
-from .prompts import PromptSource
+from ..prompts import PromptSource
 from .reference import Reference
 from .rollout import label_images, sample_seed, sample_trajectories
-from .tracking import Tracker
-from .training_state import TrainState, latest_checkpoint, save_checkpoint, save_policy
+from ..tracking import Tracker
+from .state import TrainState, latest_checkpoint, save_checkpoint, save_policy
 from .nft_step import NFTStepRunner
-from .train_step import EpochData, StepRunner
-from .trajectories import Trajectories
+from .step import EpochData, StepRunner
+from ..trajectories import Trajectories
 
 
 def compute_advantages(
@@ -79,18 +79,18 @@ def train_on_trajectories(
 
     Args:
         traj: this process's samples (N of them): its contiguous block of the epoch's
-            samples (:func:`pxpo.distributed.shard`); with one process, all of them.
+            samples (:func:`pxpo.training.distributed.shard`); with one process, all of them.
         advantages: (N, h, w) PXPO maps or (N,) DDPO scalars.
-        guard: the run's :class:`pxpo.guardrails.StepGuard` (default: a new one
+        guard: the run's :class:`pxpo.training.guardrails.StepGuard` (default: a new one
             from ``cfg.train``). A step with a non-finite loss or gradient is
             skipped; too many, or a gradient-norm spike, raise
-            :class:`pxpo.guardrails.TrainingStopped`.
+            :class:`pxpo.training.guardrails.TrainingStopped`.
 
     Each optimizer step takes ``gradient_accumulation_steps`` global micro-batches
     of ``train.batch_size`` samples, each sample at ``timestep_fraction`` of the
     policy's trained transitions (permuted per sample); its P pairs are computed
     in ``train.compute_batch`` chunks and its gradient is the mean over them
-    (:class:`pxpo.train_step.StepRunner`).
+    (:class:`pxpo.training.step.StepRunner`).
 
     Returns:
         mean diagnostics over finite values: loss, approx_kl, clipfrac, ratio, clipfrac_element,
@@ -108,20 +108,20 @@ def train_on_trajectories(
     nft = t.algorithm in ("nft", "nft_scalar")  # DiffusionNFT: a forward-process loss at every level of the schedule
     trained = torch.arange(len(policy.timesteps)) if nft else policy.trained_steps  # LCM: not the last re-noising
     n_train_t = max(1, int(len(trained) * t.timestep_fraction))
-    # Global order (pxpo.distributed): the same generator on every process; this process trains on its
+    # Global order (pxpo.training.distributed): the same generator on every process; this process trains on its
     # train.batch_size / N samples of each global micro-batch, and DDP averages the N gradients.
     world, rank, n = acc.num_processes, acc.process_index, len(traj)
     n_global, local_b, gas = n * world, t.batch_size // world, t.gradient_accumulation_steps
     g = torch.Generator().manual_seed(cfg.seed * 7_919 + epoch * 104_729)
     guard = StepGuard.from_config(t) if guard is None else guard
     skipped_before = guard.skipped
-    # ratio health (pxpo.guardrails.RatioHealth): one per run (it warns once), checked on each epoch's first update
+    # ratio health (pxpo.training.guardrails.RatioHealth): one per run (it warns once), checked on each epoch's first update
     if "ratio_health" not in state.extras:
         state.extras["ratio_health"] = RatioHealth.from_config(t, precision_of(acc, state.unet))
     health = state.extras["ratio_health"]
     health.start_epoch()
     data, where = EpochData(traj, advantages, acc.device), f"training epoch {epoch}"
-    if nft:  # pxpo.nft_step: the same steps and pairs, DiffusionNFT's loss
+    if nft:  # pxpo.training.nft_step: the same steps and pairs, DiffusionNFT's loss
         runner = NFTStepRunner(state, policy, data, t, state.train_compute, guard, where, seed=cfg.seed * 7_919 + epoch, offset=rank * n)
     else:
         runner = StepRunner(state, policy, data, t, state.train_compute, guard, where)
@@ -164,7 +164,7 @@ def run(
 
     Args:
         pipe, state: the pipeline to sample with and the optimisation state
-            (:func:`pxpo.training_state.build_train_state`).
+            (:func:`pxpo.training.state.build_train_state`).
         labeller: images (N, 3, H, W), prompts -> (maps (N, H, W), info).
         prompts: the prompts each epoch draws from.
         tracker: receives params and per-epoch metrics (main process only).
@@ -193,7 +193,7 @@ def run(
             cfg.train.buffer_size, cfg.train.min_count, cfg.train.baseline, max_bytes=int(cfg.train.tracker_max_mb * 2**20)
         )
     acc.register_for_checkpointing(stat_tracker)
-    # train.kl_coef > 0: the reference policy (pxpo.reference), taken before any state is loaded (= the base model)
+    # train.kl_coef > 0: the reference policy (pxpo.training.reference), taken before any state is loaded (= the base model)
     if "kl_reference" not in state.extras:  # built once: a full fine-tune's reference is a copy of the network
         state.extras["kl_reference"] = Reference.build(state, cfg.train)
 
@@ -211,7 +211,7 @@ def run(
     if acc.is_main_process:
         tracker.truncate(start_epoch)
         tracker.log_params(cfg.to_dict())
-    # guardrails (pxpo.guardrails): step checks for the whole run, drift on a fixed probe batch
+    # guardrails (pxpo.training.guardrails): step checks for the whole run, drift on a fixed probe batch
     guard = StepGuard.from_config(cfg.train)
     probe = DriftProbe.build(cfg, pipe, state, prompts, run_dir, fresh=start_epoch == 0 and init_state is None, previous=init_state)
 
@@ -298,7 +298,7 @@ def run(
 
     summary = {"completed_epochs": end_epoch, "output_dir": str(run_dir)}
     if acc.is_main_process and end_epoch > start_epoch and local.images.numel():
-        from .plots import save_grid
+        from ..plots import save_grid
 
         save_grid(local.images[:32], run_dir / "samples_last_epoch.png", nrow=8)
     if rounds is not None:
@@ -309,7 +309,7 @@ def run(
         save_policy(state, cfg, run_dir / ("lora" if cfg.train.use_lora else "model"))
         history = tracker.history()
         if history:
-            from .plots import reward_curve
+            from ..plots import reward_curve
 
             summary.update(
                 reward_first=history[0]["reward_mean"],
@@ -317,7 +317,7 @@ def run(
                 reward_curve=[h["reward_mean"] for h in history],
             )
             reward_curve({cfg.train.algorithm: history}, run_dir / "reward_curve.png")
-        from .storage import write_json
+        from ..storage import write_json
 
         write_json(run_dir / "summary.json", summary)
     acc.wait_for_everyone()

@@ -18,9 +18,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, ValidationInfo, model_validator
 
-from .config_checks import Absent, Float, Int, Str, _fail, _is_model, choose, input_error
-from .config_rewards import LabellerSpec, RewardComponent, RewardConfig, check_gold  # noqa: F401  (re-exported)
-from .errors import PxpoInputError
+from .checks import Absent, Float, Int, Str, _fail, _is_model, choose, input_error
+from .rewards import LabellerSpec, RewardComponent, RewardConfig, check_gold  # noqa: F401  (re-exported)
+from ..errors import PxpoInputError
 
 
 class _Section(BaseModel):

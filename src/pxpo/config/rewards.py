@@ -15,15 +15,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .config_checks import Float, Str, _fail, input_error
+from .checks import Float, Str, _fail, input_error
 
 _RESERVED_KEYS = ("mean", "std", "gain", "first", "last", "curve")  # reward_<key> must not shadow reward_mean etc.
 
 
 def known_labellers() -> dict:
     """The labeller registry, with the library's labellers registered."""
-    from . import labellers  # noqa: F401  (registers digit_fidelity)
-    from .core.rewards import REGISTRY
+    from .. import labellers  # noqa: F401  (registers digit_fidelity)
+    from ..core.rewards import REGISTRY
 
     return REGISTRY
 
@@ -114,7 +114,7 @@ def check_gold(sections: dict, given=None) -> None:
 
     ``sections``: the config's top-level values; ``given``: the sections a restricted task was passed (None: all).
     """
-    from .config_checks import Absent
+    from .checks import Absent
 
     def present(k: str) -> bool:
         return not isinstance(sections.get(k), Absent) and (given is None or k in given)

@@ -12,14 +12,14 @@ def add_feedback_parsers(sub, with_config: Callable, config: Callable) -> None:
     """Add the commands to ``sub`` (argparse subparsers); ``config(args)`` builds the Config as pxpo.cli does."""
 
     def push_cmd(args) -> int:
-        from .label_studio import push
+        from ..stages.label_studio import push
 
         s = push(config(args), Path(args.trajectories))
         print(f"pushed {s['pushed']} samples ({s['already']} already there) to {s['project_url']}")
         return 0
 
     def pull_cmd(args) -> int:
-        from .label_studio import pull
+        from ..stages.label_studio import pull
 
         s = pull(config(args), Path(args.trajectories), out=Path(args.out) if args.out else None, validate=args.validate, report=args.report)
         if s["missing"]:
@@ -28,7 +28,7 @@ def add_feedback_parsers(sub, with_config: Callable, config: Callable) -> None:
         return 0
 
     def dense_cmd(args) -> int:
-        from .dense_reward import train_dense_reward
+        from ..stages.dense_reward import train_dense_reward
 
         s = train_dense_reward([Path(t) for t in args.trajectories], Path(args.out), steps=args.steps, heldout_fraction=args.heldout_fraction, seed=args.seed)
         print(f"trained a dense reward model on {s['train_samples']} samples: held-out per-pixel correlation {s['heldout_pixel_corr']:.3f} -> {s['out']}")

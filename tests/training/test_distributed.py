@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import pxpo.train
+import pxpo.training.loop
 from pxpo.cli import main
 
 # adam_epsilon=1: Adam's update m / (sqrt(v) + eps) is then linear in the gradient (~ SGD with momentum,
@@ -87,7 +87,7 @@ def test_two_processes_equal_one_process(tmp_path, models, monkeypatch):
     # the same configs in this one process, recording the advantages the same way
     import distributed_worker
 
-    monkeypatch.setattr(pxpo.train, "global_advantages", distributed_worker.recording)
+    monkeypatch.setattr(pxpo.training.loop, "global_advantages", distributed_worker.recording)
     diffs = {}
     for i, (name, o) in enumerate(runs):
         distributed_worker.RECORDS.clear()

@@ -1,6 +1,6 @@
 """DiffusionNFT's training pass (``train.algorithm: nft`` / ``nft_scalar``): a forward-process loss.
 
-Where the policy-gradient pass (:class:`pxpo.train_step.StepRunner`) re-scores
+Where the policy-gradient pass (:class:`pxpo.training.step.StepRunner`) re-scores
 stored transitions, DiffusionNFT (arXiv 2509.16117, :mod:`pxpo.core.nft`) takes
 each sample's clean latent x_0 (the trajectory's last latent), a noise level
 t_j of the sampling schedule and fresh noise eps, forms x_t = (1 - t) x_0 + t eps
@@ -23,9 +23,9 @@ import contextlib
 
 import torch
 
-from .core.nft import forward_noise, nft_loss, optimality
-from .core.policy import batch_randn
-from .train_step import StepRunner
+from ..core.nft import forward_noise, nft_loss, optimality
+from ..core.policy import batch_randn
+from .step import StepRunner
 
 
 class NFTStepRunner(StepRunner):

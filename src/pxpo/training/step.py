@@ -1,11 +1,11 @@
 """One optimizer step of the policy-gradient update, computed in compute batches.
 
-:func:`pxpo.train.train_on_trajectories` decides WHICH (sample, timestep)
+:func:`pxpo.training.loop.train_on_trajectories` decides WHICH (sample, timestep)
 pairs make an optimizer step (the global micro-batches, each sample's permuted
 trained timesteps); this module computes the step:
 
 * the pairs go through the policy's ``log_prob`` in chunks of
-  ``train.compute_batch`` (:class:`pxpo.compute_batch.ComputeBatch`), each
+  ``train.compute_batch`` (:class:`pxpo.training.compute_batch.ComputeBatch`), each
   chunk one network call (cond and uncond together under guidance);
 * the gradient is (1/P) times the sum over the step's P pairs of each pair's
   loss (the mean over its latent elements): the same gradient as P / b micro-
@@ -26,8 +26,8 @@ import math
 import torch
 
 from .compute_batch import ComputeBatch, available_bytes
-from .core.losses import DIAGNOSTICS as LOSS_DIAGNOSTICS, LossOutput, ddpo_loss, pxpo_loss
-from .core.policy import Cond
+from ..core.losses import DIAGNOSTICS as LOSS_DIAGNOSTICS, LossOutput, ddpo_loss, pxpo_loss
+from ..core.policy import Cond
 
 DIAGNOSTICS = ("loss", *LOSS_DIAGNOSTICS, "kl_ref")  # + clipfrac_element / clipfrac_mean / log_ratio_rms_* (core/losses.py); kl_ref: KL to the reference
 DEVICE_SHARE = 0.25  # keep an epoch's trajectories on the GPU when they take at most this share of its free memory
@@ -82,10 +82,10 @@ class StepRunner:
     """Computes optimizer steps on an epoch's data; holds the epoch's device-side diagnostics.
 
     Args:
-        state: the :class:`pxpo.training_state.TrainState` (accelerator, unet, optimizer, params).
+        state: the :class:`pxpo.training.state.TrainState` (accelerator, unet, optimizer, params).
         policy: the :class:`pxpo.core.policy.Policy` the trajectories were sampled with.
         data: :class:`EpochData`. t: ``cfg.train``. compute: the run's training
-            :class:`ComputeBatch`. guard: the run's :class:`pxpo.guardrails.StepGuard`.
+            :class:`ComputeBatch`. guard: the run's :class:`pxpo.training.guardrails.StepGuard`.
     """
 
     names = DIAGNOSTICS  # what _chunk's diagnostics vector holds (a subclass with another loss names its own)
@@ -97,7 +97,7 @@ class StepRunner:
         self.sums = torch.zeros(len(self.names), device=dev)  # pair-weighted, finite chunks only
         self.counts = torch.zeros((), device=dev)
         self.grad_norms: list[float] = []
-        # issue 16: the KL penalty's reference (pxpo.reference; None: train.kl_coef 0) and the ratio health check
+        # issue 16: the KL penalty's reference (pxpo.training.reference; None: train.kl_coef 0) and the ratio health check
         self.reference, self.health = state.extras.get("kl_reference"), state.extras.get("ratio_health")
 
     def _chunk(self, s, j, weight: float, last: bool, step_sums, finite):
@@ -155,7 +155,7 @@ class StepRunner:
                 bar.update(k)
 
         self.compute.run(total, micro, chunk, restart=restart)
-        if self.health is not None and self.health.active:  # before the first step is taken (pxpo.guardrails.RatioHealth)
+        if self.health is not None and self.health.active:  # before the first step is taken (pxpo.training.guardrails.RatioHealth)
             from .guardrails import process_max
 
             self.health.first_update(self.where, reduce=process_max(acc))

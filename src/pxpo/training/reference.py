@@ -12,9 +12,9 @@ policy (sampler, schedule, guidance), so its transition from the stored
   checkpoint or stage state is loaded (so it is the base model on a fresh,
   resumed or continued run alike), in eval mode, without gradients.
 
-:class:`Reference` is built once per run (:func:`pxpo.train.run`) and kept in
+:class:`Reference` is built once per run (:func:`pxpo.training.loop.run`) and kept in
 ``TrainState.extras["kl_reference"]``; :meth:`Reference.kl` is what the training
-step adds to the loss (:class:`pxpo.train_step.StepRunner`).
+step adds to the loss (:class:`pxpo.training.step.StepRunner`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import copy
 
 import torch
 
-from .core.policy import base_network, gaussian_kl
+from ..core.policy import base_network, gaussian_kl
 
 
 class Reference:

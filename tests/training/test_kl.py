@@ -53,7 +53,7 @@ def test_weighted_mean_weights_pixels():
     assert weighted_kl_mean(kl, torch.tensor([[[[1.0, 3.0]]]])).item() == pytest.approx(2.5)
 
 
-# ----- the KL penalty in training (train.kl_coef; pxpo.reference) ------------------------------------------
+# ----- the KL penalty in training (train.kl_coef; pxpo.training.reference) ------------------------------------------
 
 FAST = ["sample.batch_size=4", "sample.num_steps=3", "train.batch_size=2", "train.save_every=1", "train.learning_rate=1e-2", "train.clip_range=0.1"]
 
@@ -67,27 +67,27 @@ def _cfg(model_dir, out, *extra):
 def test_kl_coef_0_backpropagates_todays_loss_bit_for_bit(tiny_model_dir, tmp_path, monkeypatch):
     """kl_coef 0 (the default): no reference is built or called, and what is back-propagated is exactly the
     policy loss (times the chunk weight), as before; kl_coef > 0 adds kl_coef x the KL and one reference pass."""
-    import pxpo.train_step
-    from pxpo.rollout import sample_trajectories
-    from pxpo.train import train_on_trajectories
-    from pxpo.training_state import build_train_state
+    import pxpo.training.step
+    from pxpo.training.rollout import sample_trajectories
+    from pxpo.training.loop import train_on_trajectories
+    from pxpo.training.state import build_train_state
 
     def one_step(coef):
         cfg = _cfg(tiny_model_dir, tmp_path / f"r{coef}", f"train.kl_coef={coef}", "train.batch_size=4")
         pipe, state = build_train_state(cfg)
-        from pxpo.reference import Reference
+        from pxpo.training.reference import Reference
 
         state.extras["kl_reference"] = Reference.build(state, cfg.train)
         traj = sample_trajectories(pipe, cfg, ["a handwritten digit 1"] * 4, [0, 1, 2, 3], policy=state.policy)
         losses, backward, calls = [], [], {"n": 0}
-        real_loss = pxpo.train_step.policy_loss
+        real_loss = pxpo.training.step.policy_loss
 
         def spy_loss(log_prob, *a):
             res = real_loss(log_prob, *a)
             losses.append((log_prob.shape[0], res.loss.detach().clone()))
             return res
 
-        monkeypatch.setattr(pxpo.train_step, "policy_loss", spy_loss)
+        monkeypatch.setattr(pxpo.training.step, "policy_loss", spy_loss)
         real_backward = state.accelerator.backward
         monkeypatch.setattr(state.accelerator, "backward", lambda loss, **k: backward.append(loss.detach().clone()) or real_backward(loss, **k))
         net = state.accelerator.unwrap_model(state.unet)
@@ -113,8 +113,8 @@ def test_lora_reference_is_the_same_network_with_adapters_off(tiny_model_dir, tm
     """With LoRA the reference holds no second copy (parameter memory does not double); full fine-tuning: a frozen copy."""
     from diffusers import UNet2DConditionModel
 
-    from pxpo.reference import Reference, parameter_bytes
-    from pxpo.training_state import build_train_state
+    from pxpo.training.reference import Reference, parameter_bytes
+    from pxpo.training.state import build_train_state
 
     cfg = _cfg(tiny_model_dir, tmp_path / "lora", "train.kl_coef=1.0")
     _, state = build_train_state(cfg)
@@ -151,7 +151,7 @@ def _held_out(model_dir, policy, n=64):
     from pxpo.config import load_config
     from pxpo.labellers import make_reward
     from pxpo.models import load_configured_pipeline, load_policy_into
-    from pxpo.rollout import label_images, sample_trajectories
+    from pxpo.training.rollout import label_images, sample_trajectories
 
     cfg = load_config(None, [f"model.path={model_dir}", "sample.num_steps=3", "sample.batch_size=32", "reward.kwargs={layout: all_bright}"])
     pipe = load_configured_pipeline(cfg)

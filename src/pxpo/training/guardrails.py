@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import PxpoInputError
+from ..errors import PxpoInputError
 
 
 PROBE_STREAM = 997
@@ -106,7 +106,7 @@ def rollback(state, run_dir: Path, tracker, err: TrainingStopped, init_state: Pa
     The tracker forgets the epochs after the restored point, so metrics and
     checkpoint agree; the message names what was restored.
     """
-    from .training_state import latest_checkpoint
+    from .state import latest_checkpoint
 
     acc = state.accelerator
     ck = latest_checkpoint(run_dir)
@@ -187,7 +187,7 @@ class DriftProbe:
 
     def measure(self, pipe, state, cfg) -> dict:
         """{"probe_drift_pixel_l1", "probe_drift_latent_rms"} of the current policy."""
-        from .evaluate import drift_metrics
+        from ..evaluate import drift_metrics
 
         images, latents = _probe_samples(pipe, state.accelerator.unwrap_model(state.unet), cfg, self.prompts, self.seeds)
         return {f"probe_{k}": v for k, v in drift_metrics(self.base[0], images, self.base[1], latents).items()}

@@ -68,7 +68,7 @@ def _params(tmp_path, text):
 def test_params_yaml_in_the_repo_loads():
     from pathlib import Path
 
-    cfg = load_config(Path(__file__).resolve().parents[1] / "params.yaml")
+    cfg = load_config(Path(__file__).resolve().parents[2] / "params.yaml")
     assert cfg.base.vae_steps > 0 and cfg.train.clip_range > 0
 
 

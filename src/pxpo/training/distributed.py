@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import PxpoInputError
+from ..errors import PxpoInputError
 
 # Environment variables that carry a launcher's world size (torchrun / accelerate, MPI implementations).
 _WORLD_VARS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
@@ -179,7 +179,7 @@ def worker_env(env: dict | None = None) -> dict:
 def shared_atomic_dir(target: Path, acc) -> Iterator[Path]:
     """:func:`pxpo.storage.atomic_dir` for all processes of a run: one temporary directory
     (deterministic name) that every rank writes into; the main process renames it into place."""
-    from .storage import atomic_dir
+    from ..storage import atomic_dir
 
     if acc.num_processes == 1:
         with atomic_dir(target) as tmp:

@@ -23,7 +23,7 @@ FAST = ["sample.batch_size=4", "sample.num_steps=3", "train.batch_size=2", "trai
 
 def test_sampling_under_bf16_autocast_rescoring_matches(tiny_pipe):
     from pxpo.core.policy import make_policy
-    from pxpo.rollout import sample_trajectories
+    from pxpo.training.rollout import sample_trajectories
 
     cfg = load_config(None, ["sample.num_steps=3"])
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -91,7 +91,7 @@ def test_compile_is_off_by_default():
 
 @pytest.mark.gpu
 def test_tf32_on_for_cuda(tmp_path, tiny_model_dir):
-    from pxpo.training_state import build_train_state
+    from pxpo.training.state import build_train_state
 
     torch.backends.cuda.matmul.allow_tf32 = False
     build_train_state(load_config(None, [f"model.path={tiny_model_dir}", f"output_dir={tmp_path}", *FAST]))

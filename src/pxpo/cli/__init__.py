@@ -21,10 +21,10 @@ import argparse
 import os
 import sys
 
-from .quiet import silence_uninformative_warnings
+from ..quiet import silence_uninformative_warnings
 from pathlib import Path
 
-from .errors import PxpoInputError
+from ..errors import PxpoInputError
 
 
 # Command -> the module that implements it (DVC's deps test reads this: a stage's
@@ -48,7 +48,7 @@ COMMANDS = {
 
 
 def _config(args):
-    from .config import load_config
+    from ..config import load_config
 
     params = args.params
     if params is None and Path("params.yaml").exists():
@@ -60,7 +60,7 @@ def _config(args):
 
 
 def cmd_base_build(args) -> int:
-    from .stages.base import build_base_model, default_out
+    from ..stages.base import build_base_model, default_out
 
     out = Path(args.out or default_out(args.arch))
     kw = dict(vae_steps=args.vae_steps, unet_steps=args.unet_steps, text_lr_mult=args.text_lr_mult, force=args.force, progress=not args.quiet)
@@ -74,7 +74,7 @@ def cmd_base_build(args) -> int:
 
 
 def cmd_base_lcm(args) -> int:
-    from .stages.base import distill_lcm_model
+    from ..stages.base import distill_lcm_model
 
     stats = distill_lcm_model(Path(args.teacher), Path(args.out), seed=args.seed, steps=args.steps, force=args.force, progress=not args.quiet)
     if stats is None:
@@ -89,7 +89,7 @@ def cmd_base_lcm(args) -> int:
 
 
 def cmd_base_random(args) -> int:
-    from .stages.base import save_random_model
+    from ..stages.base import save_random_model
 
     info = save_random_model(Path(args.out), arch=args.arch, dtype=args.dtype, seed=args.seed, force=args.force)
     if info is None:
@@ -101,7 +101,7 @@ def cmd_base_random(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from .stages.online import launch, run_online
+    from ..stages.online import launch, run_online
 
     cfg = _config(args)
     if args.processes is not None:  # this command again as N data-parallel processes (torchrun)
@@ -116,7 +116,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_sample(args) -> int:
-    from .stages.sample import sample
+    from ..stages.sample import sample
 
     s = sample(_config(args), Path(args.out), policy=args.policy, epoch=args.epoch, validate=args.validate, report=args.report, progress=not args.quiet)
     print(f"wrote {s['num_samples']} trajectories to {s['out']}")
@@ -124,7 +124,7 @@ def cmd_sample(args) -> int:
 
 
 def cmd_label(args) -> int:
-    from .stages.label import label
+    from ..stages.label import label
 
     s = label(_config(args), Path(args.trajectories), out=Path(args.out) if args.out else None, validate=args.validate, report=args.report)
     print(f"labelled {s['num_samples']} samples with {s['labeller']}: mean reward {s['reward_mean']:.4f}")
@@ -132,7 +132,7 @@ def cmd_label(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from .stages.train import train
+    from ..stages.train import train
 
     s = train(
         _config(args), Path(args.trajectories), Path(args.out), state=Path(args.state) if args.state else None,
@@ -146,7 +146,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_prepare(args) -> int:
-    from .stages.prepare import prepare
+    from ..stages.prepare import prepare
 
     info = prepare(_config(args), Path(args.out), input=args.input, report=args.report, drop_empty=args.drop_empty)
     print(
@@ -157,8 +157,8 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from .evaluate import summarize
-    from .stages.evaluate import evaluate
+    from ..evaluate import summarize
+    from ..stages.evaluate import evaluate
 
     metrics = evaluate(
         _config(args), Path(args.out), policy=args.policy, prompts=args.prompts,
@@ -169,7 +169,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_register(args) -> int:
-    from .stages.register import register
+    from ..stages.register import register
 
     cfg = _config(args)
     decision = register(
@@ -185,7 +185,7 @@ def cmd_register(args) -> int:
 
 
 def cmd_pipeline(args) -> int:
-    from .kubeflow import commands as kc
+    from ..kubeflow import commands as kc
 
     cfg = _config(args)  # the whole resolved config: each task is given its sections of it (pxpo.kubeflow.launcher)
     opts = {"rounds": args.rounds} if getattr(args, "rounds", None) else {}
@@ -206,7 +206,7 @@ def cmd_pipeline(args) -> int:
         uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(workdir / 'mlflow' / 'mlflow.db').resolve()}"
         (workdir / "mlflow").mkdir(parents=True, exist_ok=True)
         result = kc.run_local(cfg, prompts_uri=prompts_uri, model_ref=model_ref, workdir=workdir, mlflow_tracking_uri=uri, options=opts, verbose=args.verbose)
-        from .mlflow.promotion import format_summary
+        from ..mlflow.promotion import format_summary
 
         decided = "PROMOTED to champion" if result.get("promoted") else "registered as challenger, NOT promoted"
         print(f"pipeline finished in {result['wall_seconds']:.0f}s: {cfg.register.model_name} v{result.get('version')} {decided}; MLflow: {uri}")
@@ -229,7 +229,7 @@ def cmd_pipeline(args) -> int:
 
 
 def cmd_labellers(args) -> int:
-    from .config_rewards import known_labellers  # the core's labellers and the library's (digit_fidelity)
+    from ..config.rewards import known_labellers  # the core's labellers and the library's (digit_fidelity)
 
     for name, fn in sorted(known_labellers().items()):
         doc = (fn.__doc__ or "").strip().splitlines()
@@ -302,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     lab.add_argument("--report", default=None, help="validation report path (default: <trajectories>/reward_maps.validation.json)")
     lab.set_defaults(fn=cmd_label)
 
-    from .stages.feedback_cli import add_feedback_parsers
+    from .feedback import add_feedback_parsers
     add_feedback_parsers(sub, with_config, _config)  # label-studio push|pull, dense-reward train
 
     t = sub.add_parser("train", help="one training pass on labelled trajectories")
@@ -378,12 +378,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "quiet", False):  # also the model-loading bars of transformers / huggingface_hub / diffusers
         os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
-    from .timing import timed
+    from ..timing import timed
 
     name = " ".join(a for a in (args.command, getattr(args, "base_command", None), getattr(args, "pipeline_command", None)) if a)
     if args.command in ("prepare", "evaluate") or getattr(args, "validate", False):
         # Great Expectations takes ~5 s to import: let a worker process do it while the stage loads and computes
-        from .validation import start_worker
+        from ..validation import start_worker
 
         start_worker()
     try:
