@@ -18,7 +18,8 @@ import torch
 from safetensors.torch import load_file
 
 from pxpo.config import load_config
-from pxpo.core.policy import Cond, make_policy
+from pxpo.core.policies import make_policy
+from pxpo.core.policy import Cond
 from pxpo.core.sampling import encode_cond
 
 PROMPTS = ["a handwritten digit 3", "a handwritten digit 7"]

@@ -75,7 +75,7 @@ def load_pipeline(path: str, *, revision=None, variant=None, dtype=torch.float32
     """
     import diffusers
 
-    from .core.policy import policy_class
+    from .core.policies import policy_class
 
     fix = "run `pxpo base build` for the embedded default, or set model.path to a diffusers pipeline directory or hub id"
     if _looks_local(path):

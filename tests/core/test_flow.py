@@ -18,7 +18,8 @@ from pxpo.core.flow import (
     sde_sigma,
     sde_window,
 )
-from pxpo.core.policy import Policy, make_policy
+from pxpo.core.policies import make_policy
+from pxpo.core.policy import Policy
 from pxpo.errors import PxpoInputError
 
 

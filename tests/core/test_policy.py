@@ -8,7 +8,8 @@ import pytest
 import torch
 from diffusers import LCMScheduler
 
-from pxpo.core.policy import Cond, Denoiser, Policy, Rollout, StepOutput, gaussian_kl, make_policy, policy_class
+from pxpo.core.policies import make_policy, policy_class
+from pxpo.core.policy import Cond, Denoiser, Policy, Rollout, StepOutput, gaussian_kl
 from pxpo.core.sampling import encode_cond
 from pxpo.errors import PxpoInputError
 

@@ -93,8 +93,8 @@ def test_training_falls_back_to_half_on_oom(tmp_path, tiny_model_dir, reference,
 
     def init(self, state, *a, **k):
         real_init(self, state, *a, **k)
-        self.denoiser.net = _OOMAbove(self.denoiser.net, 6)
-        nets.append(self.denoiser.net)
+        self.ctx.denoiser.net = _OOMAbove(self.ctx.denoiser.net, 6)
+        nets.append(self.ctx.denoiser.net)
 
     monkeypatch.setattr(pxpo.training.step.StepRunner, "__init__", init)
     with warnings.catch_warnings(record=True) as caught:

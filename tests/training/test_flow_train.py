@@ -86,7 +86,7 @@ def test_the_kl_penalty_works_with_the_flow_sampler(tmp_path, tiny_sd3_dir):
 
 def test_loaded_sd3_pipeline_speaks_the_loops_names(tiny_sd3_dir):
     from pxpo.core.flow import FlowSDEPolicy
-    from pxpo.core.policy import make_policy
+    from pxpo.core.policies import make_policy
     from pxpo.models import load_pipeline
 
     pipe = load_pipeline(str(tiny_sd3_dir), sampler="flow_sde")

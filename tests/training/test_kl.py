@@ -67,27 +67,24 @@ def _cfg(model_dir, out, *extra):
 def test_kl_coef_0_backpropagates_todays_loss_bit_for_bit(tiny_model_dir, tmp_path, monkeypatch):
     """kl_coef 0 (the default): no reference is built or called, and what is back-propagated is exactly the
     policy loss (times the chunk weight), as before; kl_coef > 0 adds kl_coef x the KL and one reference pass."""
-    import pxpo.training.step
+    import pxpo.training.objectives
     from pxpo.training.rollout import sample_trajectories
     from pxpo.training.loop import train_on_trajectories
     from pxpo.training.state import build_train_state
 
     def one_step(coef):
         cfg = _cfg(tiny_model_dir, tmp_path / f"r{coef}", f"train.kl_coef={coef}", "train.batch_size=4")
-        pipe, state = build_train_state(cfg)
-        from pxpo.training.reference import Reference
-
-        state.extras["kl_reference"] = Reference.build(state, cfg.train)
+        pipe, state = build_train_state(cfg)  # state.reference: built with the state when kl_coef > 0
         traj = sample_trajectories(pipe, cfg, ["a handwritten digit 1"] * 4, [0, 1, 2, 3], policy=state.policy)
         losses, backward, calls = [], [], {"n": 0}
-        real_loss = pxpo.training.step.policy_loss
+        real_loss = pxpo.training.objectives.pxpo_loss
 
-        def spy_loss(log_prob, *a):
-            res = real_loss(log_prob, *a)
+        def spy_loss(log_prob, *a, **k):
+            res = real_loss(log_prob, *a, **k)
             losses.append((log_prob.shape[0], res.loss.detach().clone()))
             return res
 
-        monkeypatch.setattr(pxpo.training.step, "policy_loss", spy_loss)
+        monkeypatch.setattr(pxpo.training.objectives, "pxpo_loss", spy_loss)
         real_backward = state.accelerator.backward
         monkeypatch.setattr(state.accelerator, "backward", lambda loss, **k: backward.append(loss.detach().clone()) or real_backward(loss, **k))
         net = state.accelerator.unwrap_model(state.unet)
@@ -97,7 +94,7 @@ def test_kl_coef_0_backpropagates_todays_loss_bit_for_bit(tiny_model_dir, tmp_pa
         return state, losses, backward, calls["n"], logs
 
     state, losses, backward, n0, logs = one_step(0.0)
-    assert state.extras["kl_reference"] is None and "kl_ref" not in logs and logs["optimizer_steps"] == 1
+    assert state.reference is None and "kl_ref" not in logs and logs["optimizer_steps"] == 1
     pairs = sum(k for k, _ in losses)  # one optimizer step: 4 samples x 3 timesteps
     assert pairs == 12 and len(backward) == len(losses)
     gas = state.accelerator.gradient_accumulation_steps
@@ -118,7 +115,7 @@ def test_lora_reference_is_the_same_network_with_adapters_off(tiny_model_dir, tm
 
     cfg = _cfg(tiny_model_dir, tmp_path / "lora", "train.kl_coef=1.0")
     _, state = build_train_state(cfg)
-    ref = Reference.build(state, cfg.train)
+    ref = state.reference
     net = state.accelerator.unwrap_model(state.unet)
     assert ref.lora and ref.modules() == []
     assert parameter_bytes(net, *ref.modules()) == parameter_bytes(net)
@@ -139,11 +136,11 @@ def test_lora_reference_is_the_same_network_with_adapters_off(tiny_model_dir, tm
 
     full = _cfg(tiny_model_dir, tmp_path / "full", "train.kl_coef=1.0", "train.use_lora=false")
     _, fstate = build_train_state(full)
-    fref = Reference.build(fstate, full.train)
+    fref = fstate.reference
     fnet = fstate.accelerator.unwrap_model(fstate.unet)
     assert parameter_bytes(fnet, *fref.modules()) == 2 * parameter_bytes(fnet)
     assert not any(p.requires_grad for p in fref.frozen.parameters())
-    assert Reference.build(fstate, _cfg(tiny_model_dir, tmp_path / "off").train) is None  # kl_coef 0: nothing built
+    assert Reference.build(fstate.accelerator, fstate.unet, _cfg(tiny_model_dir, tmp_path / "off").train) is None  # kl_coef 0: nothing built
 
 
 def _held_out(model_dir, policy, n=64):

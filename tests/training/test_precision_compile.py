@@ -22,7 +22,7 @@ FAST = ["sample.batch_size=4", "sample.num_steps=3", "train.batch_size=2", "trai
 
 
 def test_sampling_under_bf16_autocast_rescoring_matches(tiny_pipe):
-    from pxpo.core.policy import make_policy
+    from pxpo.core.policies import make_policy
     from pxpo.training.rollout import sample_trajectories
 
     cfg = load_config(None, ["sample.num_steps=3"])

@@ -191,7 +191,9 @@ class PipelineConfig(_Section):
 
 def _check_flow_and_groups(s: SampleConfig, t: TrainConfig, total: int) -> None:
     """Cross-section checks of the flow sampler, NFT and GRPO groups (issue 15)."""
-    nft = t.algorithm in ("nft", "nft_scalar")
+    from ..training.objectives import objective_class  # the registry of train.algorithm
+
+    nft = objective_class(t.algorithm)[0].forward_process  # trains on the forward process: no sampler log-probs
     if nft and s.sampler != "flow_sde":
         raise _fail("train.algorithm", f"{t.algorithm} trains a flow model's velocity on the forward process, not a {s.sampler} sampler", "set sample.sampler=flow_sde (an SD3-class model)")
     if s.sampler == "flow_sde" and not nft and not s.noise_level > 0:

@@ -35,7 +35,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import PxpoInputError
-from .policy import PolicyBase, StepOutput, batch_randn, gaussian_log_prob, register_policy
+from .policy import PolicyBase, StepOutput, batch_randn, gaussian_log_prob
 
 __all__ = ["DDIMPolicy", "StepOutput", "batch_randn", "check_eta", "ddim_step_with_logprob", "gaussian_log_prob"]
 
@@ -150,7 +150,6 @@ def ddim_step_with_logprob(
     return StepOutput(prev_sample=prev_sample.to(sample.dtype), log_prob=log_prob, mean=mean, std=std)
 
 
-@register_policy("ddim")
 class DDIMPolicy(PolicyBase):
     """Stochastic DDIM as a :class:`pxpo.core.policy.Policy`: every one of the T transitions is trained.
 

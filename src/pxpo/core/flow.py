@@ -55,7 +55,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ..errors import PxpoInputError
-from .policy import Cond, Denoiser, PolicyBase, Rollout, StepOutput, batch_randn, gaussian_log_prob, register_policy
+from .policy import Cond, Denoiser, PolicyBase, Rollout, StepOutput, batch_randn, gaussian_log_prob
 
 Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x (B, C, h, w), sigma (B,)) -> v (B, C, h, w)
 
@@ -215,7 +215,6 @@ def sample_flow(
     return torch.stack(latents, 1), torch.stack(log_probs, 1)
 
 
-@register_policy("flow_sde")
 class FlowSDEPolicy(PolicyBase):
     """Flow-GRPO's SDE sampler as a :class:`pxpo.core.policy.Policy` (SD3 transformers).
 

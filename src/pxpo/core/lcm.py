@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import torch
 
-from .policy import Cond, Denoiser, PolicyBase, StepOutput, batch_randn, gaussian_log_prob, register_policy
+from .policy import Cond, Denoiser, PolicyBase, StepOutput, batch_randn, gaussian_log_prob
 
 LCMStepOutput = StepOutput  # prev_sample, log_prob, mean (B, C, h, w); std (B, 1, 1, 1); denoised: f_theta(x_t)
 
@@ -160,7 +160,6 @@ def lcm_model_output(unet, x, t, cond, uncond, guidance_scale: float):
     return LCMDenoiser(unet)(x, t, Cond(cond), None if uncond is None else Cond(uncond), guidance_scale)
 
 
-@register_policy("lcm")
 class LCMPolicy(PolicyBase):
     """Multi-step consistency sampling as a :class:`pxpo.core.policy.Policy` (RLCM).
 

@@ -112,3 +112,37 @@ def nft_loss(
     loss = (rr * pos + (1 - rr) * neg).mean() / beta * loss_scale
     detached = (pos.detach().mean(), neg.detach().mean(), ((v.detach() - v_old) ** 2).mean())
     return NFTLossOutput(loss, *detached)
+
+
+def velocity_kl(v: torch.Tensor, v_ref: torch.Tensor, sigmas: torch.Tensor, step_index: torch.Tensor, noise_level: float) -> torch.Tensor:
+    """Per-element KL(policy || reference) of the flow SDE steps from one x_t whose velocities are ``v`` and ``v_ref``.
+
+    ALGORITHMS.md section 4: on the same x_t the two SDE means differ only through the
+    velocity, mu - mu_ref = (v - v_ref) (1 + s_t^2 (1 - t) / (2 t)) dt, and the step's
+    variance is s_t^2 (-dt), so per element
+
+        KL = (v - v_ref)^2 (1 + s_t^2 (1 - t) / (2 t))^2 (-dt) / (2 s_t^2)
+
+    with s_t = a sqrt(t / (1 - t)) (:func:`pxpo.core.flow.sde_sigma`). A penalty
+    ``kl_coef * mean(KL)`` then means for DiffusionNFT what it means for Flow-GRPO's
+    sampler-side KL at noise level a (tests/core/test_nft.py checks it against
+    :func:`pxpo.core.kl.step_kl` of two :func:`pxpo.core.flow.flow_sde_step` outputs).
+
+    Args:
+        v: (B, C, h, w) the trained velocity, with gradients. v_ref: (B, C, h, w) the reference's.
+        sigmas: (T+1,) the sampling schedule; step_index: (B,) the level j of each row (t = sigmas[j]).
+        noise_level: a > 0 of the SDE the KL is measured on.
+
+    Returns:
+        (B, C, h, w) float32, >= 0; 0 where v == v_ref.
+    """
+    from .flow import check_noise_level, sde_sigma
+
+    check_noise_level(noise_level, "the NFT KL's noise level (sample.noise_level)")
+    sig = sigmas.to(v.device).float()
+    i = step_index.to(v.device).long()
+    shape = (-1, *([1] * (v.ndim - 1)))
+    t, t_next = sig[i].view(shape), sig[i + 1].view(shape)
+    s_t = sde_sigma(t, sig[1] if sig.numel() > 1 else sig[0], noise_level)
+    coef = (1 + s_t**2 * (1 - t) / (2 * t)) ** 2 * (t - t_next) / (2 * s_t**2)
+    return (v.float() - v_ref.detach().float()) ** 2 * coef

@@ -38,10 +38,10 @@ Everything else is derived from :class:`StepOutput`: the PPO ratio from
 transition (:func:`gaussian_kl`, per element); ratio-health diagnostics from
 ``log_prob`` minus the stored one.
 
-A new policy module registers its class with ``@register_policy("<sampler>")``
-(a ``from_config(sample_cfg, scheduler)`` classmethod and a ``scheduler_class``
-attribute), is listed in ``_BUILT_IN`` and ``sample.sampler``'s choices;
-:func:`make_policy` builds one.
+A policy class has a ``from_config(sample_cfg, scheduler)`` classmethod and a
+``scheduler_class`` attribute; :data:`pxpo.core.policies.POLICIES` maps each
+``sample.sampler`` name to its class (imported there by name, no import tricks),
+and :func:`pxpo.core.policies.make_policy` builds one.
 """
 
 from __future__ import annotations
@@ -312,48 +312,3 @@ class PolicyBase:
             latents.append(x)
             log_probs.append(out.log_prob)
         return Rollout(torch.stack(latents, 1), torch.stack(log_probs, 1), self.timesteps.clone(), final)
-
-
-# ---------------------------------------------------------------- registry
-
-POLICIES: dict[str, type] = {}
-_BUILT_IN = ("ddim", "lcm", "flow")  # modules of pxpo.core that register policies
-
-
-def register_policy(name: str):
-    """Class decorator: ``sample.sampler: <name>`` is this class.
-
-    The class provides ``from_config(sample_cfg, scheduler) -> Policy`` (a
-    classmethod) and ``scheduler_class``: the diffusers scheduler class name
-    the pipeline's scheduler is converted to when loading (same config), or
-    None to keep the pipeline's own.
-    """
-
-    def deco(cls):
-        POLICIES[name] = cls
-        return cls
-
-    return deco
-
-
-def policy_class(name: str) -> type:
-    """The class registered for ``sample.sampler: <name>``."""
-    import importlib
-    import importlib.util
-
-    for module in _BUILT_IN:  # importing a policy module registers it
-        if importlib.util.find_spec(f"{__package__}.{module}") is not None:
-            importlib.import_module(f"{__package__}.{module}")
-    if name not in POLICIES:
-        from ..errors import PxpoInputError
-
-        raise PxpoInputError("sample.sampler", f"unknown sampler {name!r}", f"use one of {', '.join(sorted(POLICIES))}")
-    return POLICIES[name]
-
-
-def make_policy(sample_cfg, scheduler) -> Policy:
-    """The policy for ``sample_cfg.sampler`` (a :class:`pxpo.config.SampleConfig` or anything with its fields).
-
-    Calls ``scheduler.set_timesteps`` once (the policy's timesteps are fixed from then on).
-    """
-    return policy_class(sample_cfg.sampler).from_config(sample_cfg, scheduler)

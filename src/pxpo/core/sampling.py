@@ -1,6 +1,6 @@
 """Prompt encoding, decoding, and the DDIM policy as plain functions over tensors.
 
-The loop uses a :class:`pxpo.core.policy.Policy` (:func:`pxpo.core.policy.make_policy`);
+The loop uses a :class:`pxpo.core.policy.Policy` (:func:`pxpo.core.policies.make_policy`);
 :func:`sample_ddim`, :func:`step_log_prob` and :func:`guided_model_output` are
 the same computations for callers holding bare tensors (tests, benchmarks).
 

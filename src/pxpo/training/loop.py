@@ -49,33 +49,35 @@ from ..core.rewards import component_means
 from .guardrails import DriftProbe, RatioHealth, StepGuard, TrainingStopped, precision_of, rollback
 from .distributed import global_advantages, mean_over_processes, micro_batches, shard
 from ..prompts import PromptSource
-from .reference import Reference
 from .rollout import label_images, sample_seed, sample_trajectories
 from ..tracking import Tracker
 from .state import TrainState, latest_checkpoint, save_checkpoint, save_policy
-from .nft_step import NFTStepRunner
+from .objectives import Objective, make_objective, objective_class
 from .step import EpochData, StepRunner
 from ..trajectories import Trajectories
 
 
 def compute_advantages(
-    tracker: PerPromptStatTracker, prompts: list[str], maps: torch.Tensor, latent_hw: tuple[int, int], algorithm: str
+    tracker: PerPromptStatTracker, prompts: list[str], maps: torch.Tensor, latent_hw: tuple[int, int], algorithm: str | Objective
 ) -> torch.Tensor:
     """Advantages from reward maps (N, H, W).
 
-    PXPO (and pixel-wise NFT): maps area-averaged to the latent grid, per-position
-    statistics -> (N, h, w). DDPO (and scalar NFT): each map's mean as the scalar
-    reward -> (N,). ``tracker``: per-prompt buffers, or GRPO's :class:`GroupRelative`.
+    Per-position objectives (PXPO, pixel-wise NFT): maps area-averaged to the latent grid,
+    per-position statistics -> (N, h, w). Per-sample ones (DDPO, scalar NFT): each map's
+    mean as the scalar reward -> (N,). ``algorithm``: the objective or its ``train.algorithm``
+    name. ``tracker``: per-prompt buffers, or GRPO's :class:`GroupRelative`.
     """
-    if algorithm in ("ddpo", "nft_scalar"):
+    per_sample = objective_class(algorithm)[1] if isinstance(algorithm, str) else algorithm.per_sample
+    if per_sample:
         return tracker.update(prompts, maps.float().mean((1, 2)))
     return tracker.update(prompts, to_latent_grid(maps, latent_hw))
 
 
 def train_on_trajectories(
-    state: TrainState, traj: Trajectories, advantages: torch.Tensor, cfg: Config, epoch: int, *, progress=False, guard: StepGuard | None = None
+    state: TrainState, traj: Trajectories, advantages: torch.Tensor, cfg: Config, epoch: int, *, progress=False,
+    guard: StepGuard | None = None, objective: Objective | None = None, health: RatioHealth | None = None,
 ) -> dict:
-    """Inner epochs of policy-gradient updates on stored trajectories.
+    """Inner epochs of updates on stored trajectories (the objective's loss, PPO-clipped PG or NFT).
 
     Args:
         traj: this process's samples (N of them): its contiguous block of the epoch's
@@ -85,6 +87,9 @@ def train_on_trajectories(
             from ``cfg.train``). A step with a non-finite loss or gradient is
             skipped; too many, or a gradient-norm spike, raise
             :class:`pxpo.training.guardrails.TrainingStopped`.
+        objective: the run's objective (default: ``train.algorithm``'s, :func:`make_objective`).
+        health: the run's ratio health check (default: a new one; it warns once per run).
+            The KL reference is ``state.reference`` (None: ``train.kl_coef`` 0).
 
     Each optimizer step takes ``gradient_accumulation_steps`` global micro-batches
     of ``train.batch_size`` samples, each sample at ``timestep_fraction`` of the
@@ -93,9 +98,10 @@ def train_on_trajectories(
     (:class:`pxpo.training.step.StepRunner`).
 
     Returns:
-        mean diagnostics over finite values: loss, approx_kl, clipfrac, ratio, clipfrac_element,
-        clipfrac_mean, log_ratio_rms_element, log_ratio_rms_mean (core/losses.py),
-        grad_norm; optimizer_steps (applied), skipped_steps.
+        mean diagnostics over finite values: loss, the objective's own (PG: approx_kl, clipfrac,
+        ratio, clipfrac_element, clipfrac_mean, log_ratio_rms_element, log_ratio_rms_mean
+        (core/losses.py) and ratio_dev_max; NFT: nft_positive, nft_negative, nft_old_deviation),
+        kl_ref with a reference, grad_norm; optimizer_steps (applied), skipped_steps.
     """
     from tqdm.auto import tqdm
 
@@ -105,8 +111,8 @@ def train_on_trajectories(
         raise PxpoInputError(
             "trajectories: timesteps", f"{traj.timesteps.tolist()} differ from the config's sampler ({policy.timesteps.tolist()})", "train with the sample section the trajectories were sampled with"
         )
-    nft = t.algorithm in ("nft", "nft_scalar")  # DiffusionNFT: a forward-process loss at every level of the schedule
-    trained = torch.arange(len(policy.timesteps)) if nft else policy.trained_steps  # LCM: not the last re-noising
+    objective = make_objective(t, cfg.sample) if objective is None else objective
+    trained = objective.steps(policy)  # PG: the policy's trained transitions; NFT: every level of the schedule
     n_train_t = max(1, int(len(trained) * t.timestep_fraction))
     # Global order (pxpo.training.distributed): the same generator on every process; this process trains on its
     # train.batch_size / N samples of each global micro-batch, and DDP averages the N gradients.
@@ -115,16 +121,14 @@ def train_on_trajectories(
     g = torch.Generator().manual_seed(cfg.seed * 7_919 + epoch * 104_729)
     guard = StepGuard.from_config(t) if guard is None else guard
     skipped_before = guard.skipped
-    # ratio health (pxpo.training.guardrails.RatioHealth): one per run (it warns once), checked on each epoch's first update
-    if "ratio_health" not in state.extras:
-        state.extras["ratio_health"] = RatioHealth.from_config(t, precision_of(acc, state.unet))
-    health = state.extras["ratio_health"]
+    # ratio health (pxpo.training.guardrails.RatioHealth): checked on each epoch's first update
+    health = RatioHealth.from_config(t, precision_of(acc, state.unet)) if health is None else health
     health.start_epoch()
     data, where = EpochData(traj, advantages, acc.device), f"training epoch {epoch}"
-    if nft:  # pxpo.training.nft_step: the same steps and pairs, DiffusionNFT's loss
-        runner = NFTStepRunner(state, policy, data, t, state.train_compute, guard, where, seed=cfg.seed * 7_919 + epoch, offset=rank * n)
-    else:
-        runner = StepRunner(state, policy, data, t, state.train_compute, guard, where)
+    runner = StepRunner(
+        state, policy, objective, data, t, state.train_compute, guard, where,
+        reference=state.reference, health=health, seed=cfg.seed * 7_919 + epoch, offset=rank * n,
+    )
     state.unet.train()
     bar = tqdm(total=t.inner_epochs * n * n_train_t, desc=f"train epoch {epoch}", disable=not progress, leave=False)
     for _ in range(t.inner_epochs):
@@ -141,7 +145,6 @@ def train_on_trajectories(
     bar.close()
     out = runner.logs()
     out["skipped_steps"] = guard.skipped - skipped_before
-    out.update(health.metrics())
     return out
 
 
@@ -193,9 +196,10 @@ def run(
             cfg.train.buffer_size, cfg.train.min_count, cfg.train.baseline, max_bytes=int(cfg.train.tracker_max_mb * 2**20)
         )
     acc.register_for_checkpointing(stat_tracker)
-    # train.kl_coef > 0: the reference policy (pxpo.training.reference), taken before any state is loaded (= the base model)
-    if "kl_reference" not in state.extras:  # built once: a full fine-tune's reference is a copy of the network
-        state.extras["kl_reference"] = Reference.build(state, cfg.train)
+    # the run's objective (train.algorithm) and ratio health check (warns once per run); the KL reference
+    # (train.kl_coef > 0) is state.reference, taken when the state was built (= the base model)
+    objective = make_objective(cfg.train, cfg.sample)
+    health = RatioHealth.from_config(cfg.train, precision_of(acc, state.unet))
 
     start_epoch = 0
     ck = latest_checkpoint(run_dir) if resume else None
@@ -257,7 +261,7 @@ def run(
         # Every rank holds the epoch's prompts; the maps are gathered once (staged: already all loaded),
         # and every rank runs the same stat tracker: identical advantages on every rank.
         def compute(tracker_, prompts_, maps_):
-            return compute_advantages(tracker_, prompts_, maps_, latent_hw, cfg.train.algorithm)
+            return compute_advantages(tracker_, prompts_, maps_, latent_hw, objective)
 
         all_maps, adv_all = global_advantages(acc, stat_tracker, compute, epoch_prompts, maps, gathered=first_batch is not None and epoch == start_epoch)
         adv = adv_all[mine]
@@ -265,7 +269,7 @@ def run(
         # ---------------- TRAINING ----------------
         t0 = time.perf_counter()
         try:
-            train_logs = mean_over_processes(acc, train_on_trajectories(state, local, adv, cfg, epoch, progress=progress, guard=guard))
+            train_logs = mean_over_processes(acc, train_on_trajectories(state, local, adv, cfg, epoch, progress=progress, guard=guard, objective=objective, health=health))
         except TrainingStopped as err:
             raise rollback(state, run_dir, tracker, err, init_state) from err
         t_train = time.perf_counter() - t0

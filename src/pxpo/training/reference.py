@@ -12,9 +12,11 @@ policy (sampler, schedule, guidance), so its transition from the stored
   checkpoint or stage state is loaded (so it is the base model on a fresh,
   resumed or continued run alike), in eval mode, without gradients.
 
-:class:`Reference` is built once per run (:func:`pxpo.training.loop.run`) and kept in
-``TrainState.extras["kl_reference"]``; :meth:`Reference.kl` is what the training
-step adds to the loss (:class:`pxpo.training.step.StepRunner`).
+:class:`Reference` is built with the optimisation state
+(:func:`pxpo.training.state.build_train_state`, ``TrainState.reference``) and passed
+to the step runner; :meth:`Reference.kl` is the policy-gradient objective's KL
+(:class:`pxpo.training.objectives.PolicyGradient`); DiffusionNFT takes the reference's
+velocity from :meth:`Reference.network` (:class:`pxpo.training.objectives.NFT`).
 """
 
 from __future__ import annotations
@@ -40,11 +42,14 @@ class Reference:
         self.net, self.lora, self.frozen = net, lora, frozen
 
     @classmethod
-    def build(cls, state, train_cfg) -> Reference | None:
-        """The run's reference, or None when ``train.kl_coef`` is 0. Call before any state is loaded."""
+    def build(cls, accelerator, unet, train_cfg) -> Reference | None:
+        """The run's reference, or None when ``train.kl_coef`` is 0. Call before any state is loaded.
+
+        ``unet``: the trained network as prepared by ``accelerator`` (DDP-wrapped or not).
+        """
         if train_cfg.kl_coef <= 0:
             return None
-        net = base_network(state.accelerator.unwrap_model(state.unet))
+        net = base_network(accelerator.unwrap_model(unet))
         if train_cfg.use_lora:
             return cls(net, True)
         frozen = copy.deepcopy(net).eval().requires_grad_(False)

@@ -19,7 +19,8 @@ import torch
 
 from .compute_batch import ComputeBatch
 from ..config import Config
-from ..core.policy import Cond, Policy, make_policy
+from ..core.policies import make_policy
+from ..core.policy import Cond, Policy
 from ..core.sampling import decode_latents, encode_cond, latent_hw
 from ..trajectories import Trajectories, check_reward_maps, make_meta, quantize_images
 

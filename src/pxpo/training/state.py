@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,7 +26,8 @@ class TrainState:
     with (built once from ``cfg.sample`` and the scheduler). ``train_compute`` /
     ``sample_compute``: the run's :class:`pxpo.training.compute_batch.ComputeBatch`es
     (``auto`` measures once per run). ``compiled``: with ``train.compile``, the
-    torch.compile'd networks the denoisers call (``unet`` itself stays as is).
+    torch.compile'd networks the denoisers call (``unet`` itself stays as is). ``reference``: the
+    KL penalty's reference (``train.kl_coef`` > 0, else None), built with the state.
     """
 
     accelerator: object
@@ -38,7 +39,7 @@ class TrainState:
     train_compute: object = None
     sample_compute: object = None
     compiled: dict | None = None  # train.compile: {"train": torch.compile(unet), "sample": torch.compile(unwrapped unet)}
-    extras: dict = field(default_factory=dict)  # room for other helpers (e.g. a reference policy)
+    reference: object = None  # train.kl_coef > 0: the KL reference (pxpo.training.reference.Reference), the base model
 
 
 def build_train_state(cfg: Config, accelerator=None):
@@ -52,7 +53,8 @@ def build_train_state(cfg: Config, accelerator=None):
 
     from .distributed import check_accelerator, check_divisible
     from .compute_batch import ComputeBatch
-    from ..core.policy import make_policy
+    from .reference import Reference
+    from ..core.policies import make_policy
     from ..models import add_lora, compile_network, load_configured_pipeline, resolve_dtype
 
     t = cfg.train
@@ -105,6 +107,8 @@ def build_train_state(cfg: Config, accelerator=None):
         train_compute=ComputeBatch(t.compute_batch, dev, "train.compute_batch"),
         sample_compute=ComputeBatch(cfg.sample.compute_batch, dev, "sample.compute_batch"),
         compiled=compiled,
+        # taken now, before any checkpoint or stage state is loaded: the reference is the base model
+        reference=Reference.build(accelerator, unet, t),
     )
 
 

@@ -1,12 +1,14 @@
-"""One optimizer step of the policy-gradient update, computed in compute batches.
+"""One optimizer step, computed in compute batches: the runner composed of a policy, an objective, a reference and health checks.
 
 :func:`pxpo.training.loop.train_on_trajectories` decides WHICH (sample, timestep)
 pairs make an optimizer step (the global micro-batches, each sample's permuted
 trained timesteps); this module computes the step:
 
-* the pairs go through the policy's ``log_prob`` in chunks of
-  ``train.compute_batch`` (:class:`pxpo.training.compute_batch.ComputeBatch`), each
-  chunk one network call (cond and uncond together under guidance);
+* the pairs go through the objective (:mod:`pxpo.training.objectives`: the
+  policy's ``log_prob`` for PXPO / DDPO, a forward-process loss for NFT) in
+  chunks of ``train.compute_batch`` (:class:`pxpo.training.compute_batch.ComputeBatch`);
+  the runner adds ``train.kl_coef`` times the chunk's mean KL to the reference
+  and feeds the importance ratio (where the objective has one) to the health check;
 * the gradient is (1/P) times the sum over the step's P pairs of each pair's
   loss (the mean over its latent elements): the same gradient as P / b micro-
   steps of b pairs each, as Accelerate's accumulation computed before, for any
@@ -25,20 +27,12 @@ import math
 
 import torch
 
-from .compute_batch import ComputeBatch, available_bytes
-from ..core.losses import DIAGNOSTICS as LOSS_DIAGNOSTICS, LossOutput, ddpo_loss, pxpo_loss
 from ..core.policy import Cond
+from .compute_batch import ComputeBatch, available_bytes
+from .guardrails import process_max
+from .objectives import ChunkContext, Objective
 
-DIAGNOSTICS = ("loss", *LOSS_DIAGNOSTICS, "kl_ref")  # + clipfrac_element / clipfrac_mean / log_ratio_rms_* (core/losses.py); kl_ref: KL to the reference
 DEVICE_SHARE = 0.25  # keep an epoch's trajectories on the GPU when they take at most this share of its free memory
-
-
-def policy_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, adv: torch.Tensor, t) -> LossOutput:
-    """PXPO or DDPO loss (``train.algorithm``) of per-element log-probs (B, C, h, w); adv (B, h, w) or (B,)."""
-    kw = dict(mode=t.loss, clip_range=t.clip_range, adv_clip_max=t.adv_clip_max, max_log_ratio=t.max_log_ratio)
-    if t.algorithm == "ddpo":
-        return ddpo_loss(log_prob, old_log_prob, adv, **kw)
-    return pxpo_loss(log_prob, old_log_prob, adv, ratio=t.ratio, **kw)
 
 
 class EpochData:
@@ -81,43 +75,55 @@ class EpochData:
 class StepRunner:
     """Computes optimizer steps on an epoch's data; holds the epoch's device-side diagnostics.
 
+    Composed, not configured: every collaborator is passed in.
+
     Args:
-        state: the :class:`pxpo.training.state.TrainState` (accelerator, unet, optimizer, params).
+        state: the :class:`pxpo.training.state.TrainState` (accelerator, unet, optimizer, params, compiled).
         policy: the :class:`pxpo.core.policy.Policy` the trajectories were sampled with.
-        data: :class:`EpochData`. t: ``cfg.train``. compute: the run's training
-            :class:`ComputeBatch`. guard: the run's :class:`pxpo.training.guardrails.StepGuard`.
+        objective: the :class:`pxpo.training.objectives.Objective` (the chunk loss).
+        data: :class:`EpochData`. t: ``cfg.train`` (batch size, kl_coef, max_grad_norm).
+        compute: the run's training :class:`ComputeBatch`. guard: the run's
+            :class:`pxpo.training.guardrails.StepGuard`.
+        reference: the KL reference (:class:`pxpo.training.reference.Reference`) or None (``kl_coef`` 0).
+        health: the run's :class:`pxpo.training.guardrails.RatioHealth`; used only when the
+            objective has an importance ratio.
+        seed, offset: the epoch's noise seed and this process's first global sample index
+            (objectives that draw noise, :class:`pxpo.training.objectives.NFT`).
     """
 
-    names = DIAGNOSTICS  # what _chunk's diagnostics vector holds (a subclass with another loss names its own)
-
-    def __init__(self, state, policy, data: EpochData, t, compute: ComputeBatch, guard, where: str):
-        self.state, self.policy, self.data, self.t, self.compute, self.guard, self.where = state, policy, data, t, compute, guard, where
-        self.denoiser = policy.denoiser((state.compiled or {}).get("train", state.unet))  # train.compile: the compiled forward
+    def __init__(self, state, policy, objective: Objective, data: EpochData, t, compute: ComputeBatch, guard, where: str, *,
+                 reference=None, health=None, seed: int = 0, offset: int = 0):
+        self.state, self.objective, self.data, self.t, self.compute, self.guard, self.where = state, objective, data, t, compute, guard, where
+        self.reference = reference
+        self.health = health if objective.has_ratio else None
+        self.names = ("loss", *objective.names, *(("kl_ref",) if reference is not None else ()))
+        acc = state.accelerator
+        self.ctx = ChunkContext(
+            acc, policy, data,
+            denoiser=policy.denoiser((state.compiled or {}).get("train", state.unet)),  # train.compile: the compiled forward
+            plain=policy.denoiser(acc.unwrap_model(state.unet)),
+            params=state.params, reference=reference, seed=seed, offset=offset,
+        )
         dev = data.device
         self.sums = torch.zeros(len(self.names), device=dev)  # pair-weighted, finite chunks only
         self.counts = torch.zeros((), device=dev)
         self.grad_norms: list[float] = []
-        # issue 16: the KL penalty's reference (pxpo.training.reference; None: train.kl_coef 0) and the ratio health check
-        self.reference, self.health = state.extras.get("kl_reference"), state.extras.get("ratio_health")
+        objective.begin_epoch(self.ctx)
 
     def _chunk(self, s, j, weight: float, last: bool, step_sums, finite):
-        acc, d = self.state.accelerator, self.data
-        x_t, x_prev, lp_old, cond, adv = d.pairs(s, j)
-        j = j.to(d.device)
-        k = len(s)
+        acc, k = self.state.accelerator, len(s)
         sync = acc.no_sync(self.state.unet) if not last else contextlib.nullcontext()
         with sync:
-            with acc.autocast():
-                out = self.policy.log_prob(self.denoiser, x_t, j, x_prev, cond, d.uncond)
-            res = policy_loss(out.log_prob, lp_old, adv, self.t)
-            loss, kl = res.loss, torch.zeros((), device=res.loss.device)
-            if self.reference is not None:  # + kl_coef * mean per-element KL(policy || reference)
-                kl = self.reference.kl(self.policy, out, x_t, j, x_prev, cond, d.uncond, acc.autocast).mean()
+            out = self.objective.chunk(self.ctx, s, j)
+            loss, extra = out.loss, []
+            if out.kl is not None:  # + kl_coef * mean per-element KL(policy || reference)
+                kl = out.kl.mean()
                 loss = loss + self.t.kl_coef * kl
-            if self.health is not None and self.health.active:  # the epoch's first update: the ratio must be 1
-                self.health.observe(out.log_prob, lp_old)
+                extra.append(kl)
+            if self.health is not None and self.health.active and out.ratio is not None:  # the epoch's first update: the ratio must be 1
+                self.health.observe(*out.ratio)
             self._backward(loss, k, weight)
-        self._record([loss, *res.diagnostics().values(), kl], k, step_sums, finite)
+        self._record([loss, *out.diagnostics, *extra], k, step_sums, finite)
         return k
 
     def _backward(self, loss: torch.Tensor, k: int, weight: float) -> None:
@@ -156,8 +162,6 @@ class StepRunner:
 
         self.compute.run(total, micro, chunk, restart=restart)
         if self.health is not None and self.health.active:  # before the first step is taken (pxpo.training.guardrails.RatioHealth)
-            from .guardrails import process_max
-
             self.health.first_update(self.where, reduce=process_max(acc))
         # guardrail: the same decision on every process (gradients are all-reduced)
         gn = acc.clip_grad_norm_(state.params, t.max_grad_norm)
@@ -181,7 +185,7 @@ class StepRunner:
         out = {k: (v / n if n else float("nan")) for k, v in zip(self.names, sums)}
         out["grad_norm"] = sum(self.grad_norms) / len(self.grad_norms) if self.grad_norms else float("nan")
         out["optimizer_steps"] = len(self.grad_norms)
-        if self.reference is None:
-            out.pop("kl_ref", None)  # not measured without a reference (train.kl_coef 0)
+        if self.health is not None:  # measured only where the objective has an importance ratio
+            out.update(self.health.metrics())
         return out
 

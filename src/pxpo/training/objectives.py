@@ -1,0 +1,231 @@
+"""Objectives: from an epoch's reward maps to the loss of one chunk of (sample, transition) pairs.
+
+The objective protocol sits beside the policy protocol (:mod:`pxpo.core.policy`):
+the step runner (:class:`pxpo.training.step.StepRunner`) holds ONE objective and
+never asks which it is. An objective says
+
+``per_sample``: whether its advantages are one scalar per sample (DDPO, scalar
+    NFT: each map's mean) or a map on the latent grid (PXPO, pixel-wise NFT);
+``has_ratio``: whether it re-scores the sampler's log-probs (an importance
+    ratio the health check :class:`pxpo.training.guardrails.RatioHealth` must find
+    at 1 on an epoch's first update); an objective without one reports no ratio
+    figure and logs its own signal instead;
+``forward_process``: whether it trains on the forward process of a flow model
+    (DiffusionNFT) instead of the sampler's stored transitions;
+``names``: the detached diagnostics its :meth:`~Objective.chunk` returns, in order;
+``steps(policy)``: the transition (or noise-level) indices j its pairs draw from;
+``begin_epoch(ctx)``: called once before an epoch's first update;
+``chunk(ctx, s, j)``: the chunk's :class:`ChunkLoss`.
+
+Implementations: :class:`PolicyGradient` (``pxpo``, ``ddpo``; PPO-clipped or
+score-function by ``train.loss``) and :class:`NFT` (``nft``, ``nft_scalar``).
+:data:`OBJECTIVES` is the one registry of ``train.algorithm``; :func:`make_objective`
+builds one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from ..core.losses import DIAGNOSTICS as PG_DIAGNOSTICS, ddpo_loss, pxpo_loss
+from ..core.nft import forward_noise, nft_loss, optimality, velocity_kl
+from ..core.policy import batch_randn
+
+NFT_KL_NOISE_LEVEL = 0.7  # the SDE the NFT KL is calibrated on when the rollouts are ODE (sample.noise_level 0): Flow-GRPO's a
+
+
+@dataclass
+class ChunkContext:
+    """What an objective computes a chunk with; built once per epoch by the step runner.
+
+    Attributes:
+        accelerator: the run's Accelerator (``autocast``).
+        policy: the :class:`pxpo.core.policy.Policy` the trajectories were sampled with.
+        data: the epoch's :class:`pxpo.training.step.EpochData`.
+        denoiser: the trained network's denoiser (DDP-wrapped or compiled: gradients flow).
+        plain: the same network unwrapped (no DDP, no compile) for no-grad forwards that
+            must not take part in DDP's gradient synchronisation.
+        params: the trainable parameters (NFT swaps the sampling policy's values in).
+        reference: the KL reference (:class:`pxpo.training.reference.Reference`) or None.
+        seed: the epoch's noise seed (run seed and epoch folded in); offset: this
+            process's first global sample index.
+    """
+
+    accelerator: object
+    policy: object
+    data: object
+    denoiser: object
+    plain: object
+    params: list
+    reference: object = None
+    seed: int = 0
+    offset: int = 0
+
+
+@dataclass
+class ChunkLoss:
+    """A chunk's loss terms.
+
+    Attributes:
+        loss: the objective's loss (mean over the chunk's pairs), with gradients.
+        diagnostics: detached 0-d tensors in the objective's ``names`` order.
+        kl: (K, C, h, w) per-element KL to the reference (gradients through the policy), or None.
+        ratio: (log_prob, old_log_prob), per element, for the ratio health check; None without a ratio.
+    """
+
+    loss: torch.Tensor
+    diagnostics: list[torch.Tensor]
+    kl: torch.Tensor | None = None
+    ratio: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+class Objective(Protocol):
+    per_sample: bool
+    has_ratio: bool
+    forward_process: bool
+    names: tuple[str, ...]
+
+    def steps(self, policy) -> torch.Tensor: ...
+
+    def begin_epoch(self, ctx: ChunkContext) -> None: ...
+
+    def chunk(self, ctx: ChunkContext, s: torch.Tensor, j: torch.Tensor) -> ChunkLoss: ...
+
+
+class PolicyGradient:
+    """PXPO (per-element advantages) or DDPO (per-sample scalars) on re-scored sampler log-probs.
+
+    ``train.loss``: ``ppo`` (clipped ratio) or ``sf`` (score function); the per-element
+    clip rule, ratio mode and log-ratio cap are ``train``'s (:mod:`pxpo.core.losses`).
+    The KL to the reference is the Gaussian step KL on the same stored x_t (:mod:`pxpo.core.kl`).
+    """
+
+    has_ratio, forward_process = True, False
+    names = PG_DIAGNOSTICS
+
+    def __init__(self, train_cfg, per_sample: bool):
+        self.t, self.per_sample = train_cfg, per_sample
+
+    def steps(self, policy) -> torch.Tensor:
+        return policy.trained_steps  # LCM: not the last re-noising; a windowed SDE: the window
+
+    def begin_epoch(self, ctx: ChunkContext) -> None:
+        pass
+
+    def chunk(self, ctx: ChunkContext, s: torch.Tensor, j: torch.Tensor) -> ChunkLoss:
+        d, t = ctx.data, self.t
+        x_t, x_prev, lp_old, cond, adv = d.pairs(s, j)
+        j = j.to(d.device)
+        with ctx.accelerator.autocast():
+            out = ctx.policy.log_prob(ctx.denoiser, x_t, j, x_prev, cond, d.uncond)
+        kw = dict(mode=t.loss, clip_range=t.clip_range, adv_clip_max=t.adv_clip_max, max_log_ratio=t.max_log_ratio)
+        res = ddpo_loss(out.log_prob, lp_old, adv, **kw) if self.per_sample else pxpo_loss(out.log_prob, lp_old, adv, ratio=t.ratio, **kw)
+        kl = None
+        if ctx.reference is not None:
+            kl = ctx.reference.kl(ctx.policy, out, x_t, j, x_prev, cond, d.uncond, ctx.accelerator.autocast)
+        return ChunkLoss(res.loss, list(res.diagnostics().values()), kl, (out.log_prob, lp_old))
+
+
+class NFT:
+    """DiffusionNFT (arXiv 2509.16117, :mod:`pxpo.core.nft`): a forward-process loss on the epoch's clean samples.
+
+    Each pair (sample s, level j) takes the sample's clean latent x_0 (the
+    trajectory's last latent), t = sigmas[j] of the sampling schedule and fresh
+    noise eps, forms x_t = (1 - t) x_0 + t eps and fits the conditional velocity
+    there (CFG-free: no guidance at training time). v_old, the sampling policy's
+    velocity, comes from the trainable weights as they were when the epoch's
+    training began (a copy taken in :meth:`begin_epoch`, swapped in for one
+    no-grad forward of the unwrapped network per chunk). The noise of pair (s, j)
+    is a function of (run seed, epoch, global sample index, j) only, so any number
+    of processes and any chunking give the same points.
+
+    KL (``train.kl_coef``): the per-element velocity KL of :func:`pxpo.core.nft.velocity_kl`
+    against the reference's velocity on the same x_t, calibrated on the flow SDE at
+    ``sample.noise_level`` (Flow-GRPO's 0.7 when the rollouts are ODE), so kl_coef
+    means what it means for Flow-GRPO. No importance ratio: the health signal is
+    ``nft_old_deviation``, the mean squared distance of the velocity from the old one.
+    """
+
+    has_ratio, forward_process = False, True
+    names = ("nft_positive", "nft_negative", "nft_old_deviation")
+
+    def __init__(self, train_cfg, per_sample: bool, noise_level: float | None = None):
+        self.t, self.per_sample = train_cfg, per_sample
+        self.kl_noise_level = noise_level if noise_level else NFT_KL_NOISE_LEVEL
+        self.old: list[torch.Tensor] = []
+
+    def steps(self, policy) -> torch.Tensor:
+        return torch.arange(len(policy.timesteps))  # every level of the schedule
+
+    def begin_epoch(self, ctx: ChunkContext) -> None:
+        self.old = [p.detach().clone() for p in ctx.params]  # the sampling policy's weights
+
+    @contextlib.contextmanager
+    def _old_weights(self, params):
+        """The trainable parameters hold the sampling policy's values inside the block (no copies made)."""
+        with torch.no_grad():
+            for p, o in zip(params, self.old):
+                p.data, o.data = o.data, p.data
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, o in zip(params, self.old):
+                    p.data, o.data = o.data, p.data
+
+    @staticmethod
+    def _noise(ctx: ChunkContext, s: torch.Tensor, j: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        gens = [torch.Generator().manual_seed((ctx.seed * 1_000_003 + ctx.offset + int(a)) * 1_009 + int(b)) for a, b in zip(s, j)]
+        return batch_randn((len(s), *shape), gens)
+
+    def chunk(self, ctx: ChunkContext, s: torch.Tensor, j: torch.Tensor) -> ChunkLoss:
+        d, pol, acc = ctx.data, ctx.policy, ctx.accelerator
+        dev = d.device
+        s_, j_ = s.to(d.latents.device), j.to(dev)
+        x0 = d.latents[s_, -1].to(dev).float()
+        cond = d.cond.index(s_).to(dev)
+        r = optimality(d.advantages[s_].to(dev).float(), self.t.adv_clip_max)
+        sigma = pol.sigmas.to(dev)[j_]
+        x_t = forward_noise(x0, sigma, self._noise(ctx, s, j, tuple(x0.shape[1:])).to(dev))
+        t_net = sigma * pol.timestep_scale
+        with torch.no_grad(), acc.autocast(), self._old_weights(ctx.params):
+            v_old = ctx.plain(x_t, t_net, cond)
+        with acc.autocast():
+            v = ctx.denoiser(x_t, t_net, cond)
+        res = nft_loss(v, v_old, x_t, x0, sigma, r, beta=self.t.nft_beta, loss_scale=self.t.adv_clip_max)
+        kl = None
+        if ctx.reference is not None:
+            with torch.no_grad(), acc.autocast(), ctx.reference.network() as net:
+                v_ref = pol.denoiser(net)(x_t, t_net, cond)
+            kl = velocity_kl(v, v_ref, pol.sigmas, j_, self.kl_noise_level)
+        return ChunkLoss(res.loss, [res.positive, res.negative, res.old_deviation], kl, None)
+
+
+# train.algorithm -> (objective class, per_sample). The one place an algorithm name is read.
+OBJECTIVES: dict[str, tuple[type, bool]] = {
+    "pxpo": (PolicyGradient, False),
+    "ddpo": (PolicyGradient, True),
+    "nft": (NFT, False),
+    "nft_scalar": (NFT, True),
+}
+
+
+def objective_class(algorithm: str) -> tuple[type, bool]:
+    """(class, per_sample) registered for ``train.algorithm: <algorithm>``."""
+    if algorithm not in OBJECTIVES:
+        from ..errors import PxpoInputError
+
+        raise PxpoInputError("train.algorithm", f"unknown algorithm {algorithm!r}", f"use one of {', '.join(OBJECTIVES)}")
+    return OBJECTIVES[algorithm]
+
+
+def make_objective(train_cfg, sample_cfg=None) -> Objective:
+    """The objective of ``train_cfg.algorithm`` (``sample_cfg``: the sampler's noise level for NFT's KL)."""
+    cls, per_sample = objective_class(train_cfg.algorithm)
+    if cls is NFT:
+        return NFT(train_cfg, per_sample, getattr(sample_cfg, "noise_level", None))
+    return cls(train_cfg, per_sample)
