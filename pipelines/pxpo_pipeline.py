@@ -63,12 +63,15 @@ class PipelineOptions:
     # GPU of the pod, which requests accelerator_limit GPUs), and train_nodes > 1: the train task creates a
     # Kubeflow Trainer TrainJob (runtime train_runtime) of train_nodes nodes x accelerator_limit GPUs that
     # shares the ReadWriteMany PVC train_shared_pvc (trajectories in; checkpoints, state, policy out).
+    # train_trainer_api: the cluster's Kubeflow Trainer release, which names the TrainJob's pod-override
+    # field: "v2.3" / "v2.2" (runtimePatches) or "v2.1" (podTemplateOverrides); an API server prunes the other.
     train_processes_per_node: int = 1
     train_nodes: int = 1
     train_shared_pvc: Optional[str] = None
     train_shared_mount: str = "/pxpo-shared"
     train_namespace: str = "kubeflow"
     train_runtime: str = "torch-distributed"
+    train_trainer_api: str = "v2.3"
     ttl_s: Optional[int] = 7 * 24 * 3600  # keep a finished run's workflow (and its pods' logs) this long
     deadline_s: Optional[int] = 3 * 24 * 3600  # a run still going after this long is stopped
 
@@ -77,14 +80,19 @@ def trainjob_settings(o: PipelineOptions) -> dict:
     """What the train component needs to create the multi-node TrainJob (``pxpo.kubeflow.trainjob``)."""
     from pxpo.errors import PxpoInputError
     from pxpo.kubeflow.container_images import image_ref
+    from pxpo.kubeflow.trainjob import TRAINER_APIS
 
     if not o.train_shared_pvc:
         raise PxpoInputError("PipelineOptions.train_nodes", f"{o.train_nodes} nodes need a volume every node sees", "set train_shared_pvc to a ReadWriteMany PVC")
+    if o.train_trainer_api not in TRAINER_APIS:
+        raise PxpoInputError("PipelineOptions.train_trainer_api", f"{o.train_trainer_api!r} is not a Kubeflow Trainer release pxpo writes TrainJobs for",
+                             f"use one of {', '.join(sorted(TRAINER_APIS))} (the installed one: the image tag of the Trainer controller manager)")
     return {
         "num_nodes": o.train_nodes, "gpus_per_node": o.accelerator_limit, "accelerator_type": o.accelerator_type,
         "pvc": o.train_shared_pvc, "mount_path": o.train_shared_mount, "namespace": o.train_namespace,
         "runtime": o.train_runtime, "image": image_ref("cuda"), "cpu": o.cpu_request, "memory": o.memory_request,
         "shm_size": o.shm_size or "8Gi", "node_selector": dict(o.node_selector), "tolerations": list(o.tolerations),
+        "trainer_api": o.train_trainer_api,
     }
 
 

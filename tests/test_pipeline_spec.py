@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipelines.commands import compile_pipeline, pipeline_arguments, submit
 from pxpo.config import load_config
 from pxpo.errors import PxpoInputError
-from pxpo.kubeflow.commands import compile_pipeline, pipeline_arguments, submit
 from pxpo.kubeflow.launcher import STAGE_SECTIONS
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,4 +1,8 @@
-"""Multi-node training through Kubeflow Trainer v2: the TrainJob manifest (golden), its submission, the pipeline option."""
+"""Multi-node training through Kubeflow Trainer v2: the TrainJob manifest (golden), its submission, the pipeline option.
+
+tests/golden/trainjob.yaml is reviewed content: these tests read it and never write it. Its validity
+against the released Trainer CRD and runtime is tests/test_trainjob_schema.py's.
+"""
 
 import json
 from pathlib import Path
@@ -7,7 +11,7 @@ import pytest
 import yaml
 
 from pxpo.errors import PxpoInputError
-from pxpo.kubeflow.trainjob import job_state, local_launcher, run_multinode_train, train_command, trainjob_manifest
+from pxpo.kubeflow.trainjob import job_state, local_launcher, run_multinode_train, submit_and_wait, train_command, trainjob_manifest
 
 GOLDEN = Path(__file__).parent / "golden" / "trainjob.yaml"
 SETTINGS = {
@@ -27,7 +31,8 @@ def _manifest():
 
 
 def test_trainjob_manifest_matches_golden():
-    """Regenerate: python -c 'import tests.test_trainjob as t, yaml; print(yaml.safe_dump(t._manifest(), sort_keys=False))' > tests/golden/trainjob.yaml"""
+    """The generated manifest equals the hand-reviewed golden file (when the manifest is meant to change: edit
+    the golden by hand and review it; tests/test_trainjob_schema.py checks it against Trainer v2.3.0)."""
     m = _manifest()
     assert m == yaml.safe_load(GOLDEN.read_text())
     spec = m["spec"]
@@ -37,7 +42,11 @@ def test_trainjob_manifest_matches_golden():
     # torchrun without rendezvous flags: it reads the PET_* variables the runtime injects on every node
     assert spec["trainer"]["command"][:5] == ["python", "-m", "torch.distributed.run", "-m", "pxpo.cli"]
     assert not any(a.startswith("--nnodes") or a == "--standalone" for a in spec["trainer"]["command"])
-    pod = spec["podTemplateOverrides"][0]["spec"]
+    # Trainer v2.2+: the volumes reach the runtime's `node` job and container through runtimePatches
+    (patch,) = spec["runtimePatches"]
+    (job,) = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
+    assert patch["manager"] == "pxpo" and job["name"] == "node" and "podTemplateOverrides" not in spec
+    pod = job["template"]["spec"]["template"]["spec"]
     assert pod["volumes"][0]["persistentVolumeClaim"]["claimName"] == "pxpo-shared"
     assert pod["containers"][0]["volumeMounts"][0]["mountPath"] == "/pxpo-shared"
 
@@ -52,7 +61,8 @@ class FakeApi:
     def __init__(self, final="Complete", out=None):
         self.created, self.final, self.out = [], final, out
 
-    def create_namespaced_custom_object(self, group, version, ns, plural, body):
+    def create_namespaced_custom_object(self, group, version, ns, plural, body, field_validation=None):
+        assert field_validation == "Strict"  # an undeclared field fails the create instead of being pruned
         self.created.append((group, version, ns, plural, body))
         if self.out:  # what the nodes would write: the policy under the PVC
             policy = Path(body["spec"]["trainer"]["command"][body["spec"]["trainer"]["command"].index("--out") + 1])
@@ -85,6 +95,18 @@ def test_multinode_train_stages_inputs_runs_trainjob_and_copies_policy(tmp_path)
         run_multinode_train(settings, params, {"trajectories": str(traj), "dataset": str(data)}, str(tmp_path / "p2"), [], run_id="b", rounds=1,
                             api=FakeApi("Failed"))
     assert job_state({}) is None
+
+
+def test_a_field_the_cluster_does_not_declare_names_the_trainer_api_option():
+    class Rejected(Exception):  # what kubernetes.client.ApiException carries under strict field validation
+        status, body = 422, '{"message": "TrainJob in version \\"v1alpha1\\" cannot be handled: unknown field \\"spec.runtimePatches\\""}'
+
+    class OldTrainer(FakeApi):
+        def create_namespaced_custom_object(self, *a, **kw):
+            raise Rejected()
+
+    with pytest.raises(RuntimeError, match=r"unknown field.*train_trainer_api.*v2.1: podTemplateOverrides"):
+        submit_and_wait(_manifest(), "team-a", api=OldTrainer())
 
 
 def test_pipeline_train_nodes_creates_trainjob_task():

@@ -2,7 +2,9 @@
 
 The pipeline is :func:`pipelines.pxpo_pipeline.build_pipeline` and its
 components are the ``components`` package; both are installed with pxpo
-(pyproject.toml), so these commands work from any directory.
+(pyproject.toml), so these commands work from any directory. This module
+lives with the pipeline, not in ``pxpo.kubeflow``: the library never
+imports the ``pipelines`` package (the CLI imports this module lazily).
 
 A run's arguments are one ``params_<section>`` string per params.yaml section
 (:func:`pipeline_arguments`), and each task receives only the sections its
@@ -21,9 +23,9 @@ from pathlib import Path
 
 import yaml
 
-from ..config import section_yaml
-from ..errors import PxpoInputError
-from .launcher import PIPELINE_SECTIONS, param_name
+from pxpo.config import section_yaml
+from pxpo.errors import PxpoInputError
+from pxpo.kubeflow.launcher import PIPELINE_SECTIONS, param_name
 
 
 def options_from(cfg, overrides: dict | None = None):
@@ -77,9 +79,9 @@ def run_local(
 
     from kfp import local
 
-    from pipelines.pxpo_pipeline import build_pipeline
+    from pxpo.kubeflow.local_progress import TaskProgress, count_tasks
 
-    from .local_progress import TaskProgress, count_tasks
+    from pipelines.pxpo_pipeline import build_pipeline
 
     workdir.mkdir(parents=True, exist_ok=True)
     local.init(
