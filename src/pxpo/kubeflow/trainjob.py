@@ -8,7 +8,7 @@ runtime injects torchrun's rendezvous variables (``PET_NNODES``,
 ``PET_NPROC_PER_NODE``, ``PET_NODE_RANK``, ``PET_MASTER_ADDR``,
 ``PET_MASTER_PORT``) into every node; the trainer's command is
 ``python -m torch.distributed.run -m pxpo.cli train ...``, which reads them:
-``numNodes x GPUs`` processes, one global run (:mod:`pxpo.distributed`).
+``numNodes x GPUs`` processes, one global run (:mod:`pxpo.training.distributed`).
 
 The volumes, node selector and tolerations reach the runtime's ``node`` job
 (and its ``node`` container) through the pod-level override field, which the
