@@ -30,6 +30,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..errors import PxpoInputError
+from .gates import champion_gate
 
 ALIAS_CHALLENGER = "challenger"
 ALIAS_CHAMPION = "champion"
@@ -97,6 +98,10 @@ def log_policy_model(run_id_or_active: str | None = None, *, base_model: str, po
             local directory under 500 MB (else only its reference is recorded).
         metrics: evaluation metrics; the numeric ones are logged to the run
             *and* the logged model (``model_id``), and kept in its metadata.
+            NaN and infinite ones go to the run only: MLflow's SQL store keeps
+            no NaN on a logged model's metrics (it reads back as 0.0, which a
+            later gate would compare as a real value), so such a metric is
+            missing there and a gate against it fails closed.
         revision, variant: of a hub base model (recorded, used at load time).
         sampler, num_steps, guidance_scale, negative_prompt: the sampling
             defaults of ``predict`` (the defaults of its ``ParamSchema``).
@@ -161,8 +166,14 @@ def log_policy_model(run_id_or_active: str | None = None, *, base_model: str, po
                 pip_requirements=_requirements(),
                 metadata=metadata,
             )
-    if nums:
-        mlflow.log_metrics(nums, run_id=run_id, model_id=info.model_id, synchronous=True)
+    finite = {k: v for k, v in nums.items() if math.isfinite(v)}
+    if finite:
+        mlflow.log_metrics(finite, run_id=run_id, model_id=info.model_id, synchronous=True)
+    if len(finite) < len(nums):  # on the run only: MLflow's SQL store would turn NaN into 0.0 on the logged model
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)  # the client, not mlflow.log_metrics: that links a run's metrics to its logged models
+        mlflow.MlflowClient().log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in nums.items() if k not in finite], synchronous=True)
     return info.model_uri
 
 
@@ -234,7 +245,7 @@ def _attach_metrics(client, model_uri: str, metrics: dict[str, float]) -> None:
         return
     lm = client.get_logged_model(model_id)
     have = {m.key for m in lm.metrics or []}
-    missing = {k: v for k, v in metrics.items() if k not in have}
+    missing = {k: v for k, v in metrics.items() if k not in have and math.isfinite(v)}  # NaN: see log_policy_model
     if missing and lm.source_run_id:
         now = int(time.time() * 1000)
         client.log_batch(lm.source_run_id, metrics=[Metric(k, v, now, 0, model_id=model_id, run_id=lm.source_run_id)
@@ -271,7 +282,8 @@ def _ensure_registered_model(client, name: str) -> None:
 
 
 def register_policy(model_uri: str, registered_name: str, *, metrics: dict, primary_metric: str, higher_is_better: bool = True,
-                    margin: float = 0.0, validations_passed: bool, source_hash: str, tracking_uri: str | None = None) -> dict:
+                    margin: float = 0.0, validations_passed: bool, source_hash: str, tracking_uri: str | None = None,
+                    failed_gates: dict[str, str] | None = None, field_prefix: str = "", metrics_source: str = "the metrics") -> dict:
     """Register (or reuse) a model version, alias it ``challenger``, promote to ``champion`` if it passes.
 
     Gate: ``validations_passed`` and (no champion, or ``metrics[primary_metric]``
@@ -283,17 +295,39 @@ def register_policy(model_uri: str, registered_name: str, *, metrics: dict, prim
     new version) and the gate re-evaluated the same way; a version that
     already is champion stays champion.
 
+    The comparison fails closed (:func:`pxpo.mlflow.gates.champion_gate`): a
+    challenger metric that is NaN, infinite or not a number is never promoted,
+    nor is one compared with a champion whose metric is missing or NaN.
+
+    Args:
+        failed_gates: the caller's own gates that failed, ``{gate: phrase}``
+            (e.g. ``{"register.max_drift": "drift_pixel_l1 0.4000 > register.max_drift 0.3"}``);
+            their phrases replace the generic "validation did not pass". Any
+            entry refuses promotion.
+        field_prefix: prefixed to ``margin`` and ``primary_metric`` in messages
+            (``"register."``: the config fields).
+        metrics_source: where ``metrics`` came from, named when its
+            ``primary_metric`` is unusable (e.g. the metrics file).
+
     Returns:
-        ``{version, promoted, reason, champion_version, champion_metric,
-        challenger_metric, previous_champion_version, previous_champion_metric,
-        reused_version, primary_metric}``; ``champion_*`` describe the champion
-        after the decision, ``previous_champion_*`` the one compared against.
+        ``{version, promoted, reason, failed_gates, champion_version,
+        champion_metric, challenger_metric, previous_champion_version,
+        previous_champion_metric, reused_version, primary_metric}``;
+        ``champion_*`` describe the champion after the decision,
+        ``previous_champion_*`` the one compared against. A refusal's
+        ``reason`` names only the gates that failed (``failed_gates``: their
+        names), one phrase each, joined by "; ".
     """
     import mlflow
 
     if primary_metric not in metrics:
         raise PxpoInputError("primary_metric", f"{primary_metric!r} is not in the metrics", f"use one of {sorted(metrics)}")
-    challenger_metric = float(metrics[primary_metric])
+    raw = metrics[primary_metric]
+    challenger_metric = float(raw) if isinstance(raw, (int, float)) and not isinstance(raw, bool) else raw
+    failures = dict(failed_gates or {})
+    if not validations_passed and not failures:
+        failures["validation"] = "validation did not pass"
+    gates_passed = not failures
     client = mlflow.MlflowClient(tracking_uri) if tracking_uri else mlflow.MlflowClient()
     _ensure_registered_model(client, registered_name)
     existing = find_version(registered_name, source_hash, client=client)
@@ -303,7 +337,7 @@ def register_policy(model_uri: str, registered_name: str, *, metrics: dict, prim
         _attach_metrics(client, model_uri, _numeric(metrics))
         mv = mlflow.register_model(model_uri, registered_name, tags={"pxpo.source_hash": source_hash, "pxpo.version": __version__})
         version, reused = str(mv.version), False
-    client.set_model_version_tag(registered_name, version, "validation", "passed" if validations_passed else "failed")
+    client.set_model_version_tag(registered_name, version, "validation", "passed" if gates_passed else "failed")
     client.set_registered_model_alias(registered_name, ALIAS_CHALLENGER, version)
 
     # the registered model's alias map; get_model_version_by_alias raises INVALID_PARAMETER_VALUE
@@ -313,29 +347,23 @@ def register_policy(model_uri: str, registered_name: str, *, metrics: dict, prim
     champ_version = str(champ.version) if champ is not None else None
     champ_metric = version_metrics(client, champ).get(primary_metric) if champ is not None else None
 
-    if not validations_passed:
-        promoted, reason = False, "validation did not pass"
-    elif not math.isfinite(challenger_metric):
-        promoted, reason = False, f"{primary_metric} is {challenger_metric}"
-    elif champ is None:
-        promoted, reason = True, "no champion yet"
-    elif champ_version == version:
-        promoted, reason = True, f"v{version} already is the champion"
-    elif champ_metric is None or not math.isfinite(champ_metric):
-        promoted, reason = False, f"champion v{champ_version} has no comparable {primary_metric}; move the alias by hand"
-    else:
-        delta = (challenger_metric - champ_metric) if higher_is_better else (champ_metric - challenger_metric)
-        promoted = delta > margin
-        reason = (f"{primary_metric} {challenger_metric:.4f} vs champion v{champ_version} {champ_metric:.4f}: "
-                  f"improvement {delta:+.4f} {'>' if promoted else '<='} margin {margin}")
+    # the comparison with the champion runs whatever the caller's gates said: a refusal names every gate that failed
+    failed, kept = champion_gate(challenger_metric, champ_metric, version=version, champion_version=champ_version,
+                                 primary_metric=primary_metric, higher_is_better=higher_is_better, margin=margin,
+                                 field_prefix=field_prefix, source=metrics_source)
+    if failed:
+        failures[failed] = kept
+    promoted = not failures
+    reason = kept if promoted else "; ".join(failures.values())
     if promoted:
         client.set_registered_model_alias(registered_name, ALIAS_CHAMPION, version)
-    client.set_model_version_tag(registered_name, version, "pxpo.gate", ("promoted: " if promoted else "not promoted: ") + reason)
+    client.set_model_version_tag(registered_name, version, "pxpo.gate", (("promoted: " if promoted else "not promoted: ") + reason)[:5000])
     return {
         "version": version,
         "reused_version": reused,
         "promoted": promoted,
         "reason": reason,
+        "failed_gates": list(failures),
         "champion_version": version if promoted else champ_version,
         "champion_metric": challenger_metric if promoted else champ_metric,
         "challenger_metric": challenger_metric,

@@ -18,6 +18,12 @@ Gate (all must hold to promote):
   the training reward can rise while what it stood for falls (reward
   hacking); the decision names the gold reward that fell and by how much.
 
+Every comparison fails closed (:func:`pxpo.mlflow.gates.passes`): a value
+that is missing, NaN, infinite or not a number fails its gate, with a message
+naming the metric, the file it came from and the threshold's config field. A
+refused challenger's ``reason`` names only the gates that failed, one phrase
+each (``failed_gates``: their config fields, or ``validation``).
+
 Idempotent: the model version is keyed by a hash of the policy weights and
 the evaluation, so re-running the stage reuses the version and repeats the
 same decision.
@@ -37,6 +43,7 @@ import warnings
 from pathlib import Path
 
 from ..errors import PxpoInputError
+from .gates import check_number, passes
 
 
 def _hash_dir(d: Path, h) -> None:
@@ -55,38 +62,68 @@ def source_hash(policy_dir: Path, eval_dir: Path) -> str:
 
 
 def read_validation_reports(paths: list[Path]) -> tuple[bool, list[str]]:
-    """(all passed, names of failed or unreadable reports)."""
+    """(all passed, names of failed or unreadable reports).
+
+    A report passes only when it is a JSON object whose ``success`` is ``true``
+    (not merely truthy: ``"false"`` is a string).
+    """
     failed = []
     for p in paths:
         try:
-            ok = bool(json.loads(Path(p).read_text()).get("success"))
-        except (OSError, json.JSONDecodeError):
-            ok = False
+            report = json.loads(Path(p).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            report = None
+        ok = isinstance(report, dict) and report.get("success") is True
         if not ok:
             failed.append(str(p))
     return not failed, failed
+
+
+def gold_checks(metrics: dict, max_drop: float | None, where: str = "metrics.json") -> list[tuple[bool, str]]:
+    """``(passed, text)`` per gold reward of an evaluation's ``metrics`` (its ``gold`` = {key: {base, policy}}).
+
+    With ``max_drop`` set a gold reward passes when its drop (base - policy) is
+    at most ``max_drop``; a base or policy value that is missing, NaN, infinite
+    or not a number fails (:func:`pxpo.mlflow.gates.passes`). With ``max_drop``
+    None every one passes and the text only reports it.
+    """
+    gold = metrics.get("gold") or {}
+    if max_drop is not None and not gold:
+        raise PxpoInputError(where, "no gold rewards, which register.max_gold_drop needs",
+                             "set evaluate.gold (e.g. [{name: digit_fidelity}]) and re-run `pxpo evaluate`, or unset register.max_gold_drop")
+    if not isinstance(gold, dict):
+        text = f"gold is {type(gold).__name__} in {where}, not {{name: {{base, policy}}}}"
+        return [(max_drop is None, text if max_drop is None else f"{text}: register.max_gold_drop {max_drop} fails closed")]
+    out = []
+    for key, v in gold.items():
+        v = v if isinstance(v, dict) else {}
+        (base, bad_base), (policy, bad_policy) = (check_number(v.get(side), f"gold {key} {side}", f"{where} (gold.{key}.{side})")
+                                                  for side in ("base", "policy"))
+        if bad_base or bad_policy:
+            problems = "; ".join(p for p in (bad_base, bad_policy) if p)
+            out.append((max_drop is None, problems if max_drop is None else f"{problems}: register.max_gold_drop {max_drop} fails closed"))
+            continue
+        text = f"gold {key} {base:.4f} (base) -> {policy:.4f} (policy), drop"
+        if max_drop is None:
+            out.append((True, f"{text} {base - policy:+.4f}"))
+        else:
+            out.append(passes(base - policy, "<=", max_drop, text, limit_name="register.max_gold_drop", source=where, fmt="+.4f"))
+    return out
 
 
 def gold_gate(metrics: dict, max_drop: float | None, where: str = "metrics.json") -> tuple[bool, str]:
     """(passed, summary) of the gold gate on an evaluation's ``metrics`` (its ``gold`` = {key: {base, policy}}).
 
     Passes when ``max_drop`` is None or every gold reward's drop (base - policy)
-    is at most ``max_drop``. The summary names each gold reward, its two values
-    and its drop, the failing ones first.
+    is at most ``max_drop`` (:func:`gold_checks`: a NaN or missing value fails).
+    The summary names each gold reward, its two values and its drop, the
+    failing ones first.
     """
-    gold = metrics.get("gold") or {}
-    if max_drop is not None and not gold:
-        raise PxpoInputError(where, "no gold rewards, which register.max_gold_drop needs",
-                             "set evaluate.gold (e.g. [{name: digit_fidelity}]) and re-run `pxpo evaluate`, or unset register.max_gold_drop")
-    failed, fine = [], []
-    for key, v in gold.items():
-        drop = v["base"] - v["policy"]
-        text = f"gold {key} {v['base']:.4f} (base) -> {v['policy']:.4f} (policy), drop {drop:+.4f}"
-        if max_drop is not None and drop > max_drop:
-            failed.append(f"{text} > register.max_gold_drop {max_drop}")
-        else:
-            fine.append(text)
-    return not failed, "; ".join(failed + fine)
+    return _gold_summary(gold_checks(metrics, max_drop, where))
+
+
+def _gold_summary(checks: list[tuple[bool, str]]) -> tuple[bool, str]:
+    return all(ok for ok, _ in checks), "; ".join([t for ok, t in checks if not ok] + [t for ok, t in checks if ok])
 
 
 def gate_and_register(cfg, *, policy_dir: Path, eval_dir: Path, tracking_uri: str, validation_reports: list[Path],
@@ -116,6 +153,10 @@ def run_summary(history: list[dict], metrics: dict) -> dict:
     }
 
 
+def _fmt(x) -> str:
+    return f"{x:.4f}" if isinstance(x, (int, float)) and not isinstance(x, bool) else str(x)
+
+
 def format_summary(summary: dict) -> str:
     """``summary`` (:func:`run_summary`) as one line."""
     parts = []
@@ -123,8 +164,10 @@ def format_summary(summary: dict) -> str:
         parts.append("trained reward {:.4f} -> {:.4f} (training epochs)".format(*summary["train_reward"]))
     h = summary.get("heldout_reward") or {}
     if h.get("base") is not None and h.get("policy") is not None:
-        parts.append(f"held-out {h['base']:.4f} (base) -> {h['policy']:.4f} (policy)")
-    parts += [f"gold {k} {v['base']:.4f} (base) -> {v['policy']:.4f} (policy)" for k, v in (summary.get("gold") or {}).items()]
+        parts.append(f"held-out {_fmt(h['base'])} (base) -> {_fmt(h['policy'])} (policy)")
+    gold = summary.get("gold") or {}
+    parts += [f"gold {k} {_fmt(v.get('base'))} (base) -> {_fmt(v.get('policy'))} (policy)"
+              for k, v in (gold.items() if isinstance(gold, dict) else ()) if isinstance(v, dict)]
     return "; ".join(parts)
 
 
@@ -143,13 +186,24 @@ def _gate_and_register(cfg, *, policy_dir, eval_dir, tracking_uri, validation_re
     r = cfg.register
     if r.primary_metric not in metrics:
         raise PxpoInputError("register.primary_metric", f"{r.primary_metric!r} is not in {metrics_file}", f"use one of {sorted(k for k, v in metrics.items() if isinstance(v, (int, float)))}")
+    where = str(metrics_file)
+    failures: dict[str, str] = {}  # gate -> its phrase, only for the gates that failed
     passed, failed = read_validation_reports(validation_reports)
-    gain_ok = metrics.get("reward_gain", 0.0) > r.min_gain
-    drift = metrics.get("drift_pixel_l1")
-    if r.max_drift is not None and drift is None:
-        raise PxpoInputError(str(metrics_file), "no drift_pixel_l1, which register.max_drift needs", "re-run `pxpo evaluate` (it reports drift), or unset register.max_drift")
-    drift_ok = r.max_drift is None or drift <= r.max_drift
-    gold_ok, gold_text = gold_gate(metrics, r.max_gold_drop, str(metrics_file))
+    if not passed:
+        failures["validation"] = f"validation failed: {', '.join(failed)}"
+    gain_ok, gain_text = passes(metrics.get("reward_gain"), ">", r.min_gain, "reward_gain", limit_name="register.min_gain", source=where)
+    if not gain_ok:
+        failures["register.min_gain"] = gain_text
+    if r.max_drift is not None:
+        if "drift_pixel_l1" not in metrics:
+            raise PxpoInputError(where, "no drift_pixel_l1, which register.max_drift needs", "re-run `pxpo evaluate` (it reports drift), or unset register.max_drift")
+        drift_ok, drift_text = passes(metrics["drift_pixel_l1"], "<=", r.max_drift, "drift_pixel_l1", limit_name="register.max_drift", source=where)
+        if not drift_ok:
+            failures["register.max_drift"] = drift_text
+    gold = gold_checks(metrics, r.max_gold_drop, where)
+    gold_ok, gold_text = _gold_summary(gold)
+    if not gold_ok:
+        failures["register.max_gold_drop"] = "; ".join(t for ok, t in gold if not ok)
 
     tracker = MlflowTracker(experiment=r.experiment, tracking_uri=tracking_uri)
     with tracker.start(run_name="pxpo-register"):
@@ -186,18 +240,13 @@ def _gate_and_register(cfg, *, policy_dir, eval_dir, tracking_uri, validation_re
             primary_metric=r.primary_metric,
             higher_is_better=r.higher_is_better,
             margin=r.margin,
-            validations_passed=passed and gain_ok and drift_ok and gold_ok,
+            validations_passed=not failures,
+            failed_gates=failures,
+            field_prefix="register.",
+            metrics_source=where,
             source_hash=source_hash(Path(policy_dir), Path(eval_dir)),
         )
-    if not passed:
-        decision["reason"] = f"validation failed: {', '.join(failed)}; " + decision["reason"]
-    elif not gain_ok:
-        decision["reason"] = f"reward_gain {metrics.get('reward_gain', 0.0):.4f} <= min_gain {r.min_gain}; " + decision["reason"]
-    elif not drift_ok:
-        decision["reason"] = f"drift_pixel_l1 {drift:.4f} > register.max_drift {r.max_drift}; " + decision["reason"]
-    elif not gold_ok:
-        decision["reason"] = f"{gold_text}; " + decision["reason"]
-    elif gold_text:
+    if decision["promoted"] and gold_text:  # a refusal names only the gates that failed; a promotion also reports the gold
         decision["reason"] += f"; {gold_text}"
     decision["gold_passed"] = gold_ok
     decision["summary"] = run_summary(history, metrics)
