@@ -83,3 +83,18 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_dir(tmp_path_factory):
+    """A random tiny SD3 pipeline (flow matching, joint-attention transformer) saved with save_pretrained."""
+    from pxpo.embedded.sd3 import make_tiny_sd3_pipeline
+
+    pipe = make_tiny_sd3_pipeline(seed=0)
+    with torch.no_grad():  # a non-trivial velocity (random init has a near-zero output layer)
+        torch.manual_seed(0)
+        for p in pipe.transformer.proj_out.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    d = tmp_path_factory.mktemp("models") / "tiny-sd3"
+    pipe.save_pretrained(d)
+    return d

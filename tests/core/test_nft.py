@@ -83,3 +83,26 @@ def test_r_one_descends_the_flow_matching_loss():
 def test_r_shapes(shape):
     v, v_old, x_t, x0, sigma = _batch(4)
     assert torch.isfinite(nft_loss(v, v_old, x_t, x0, sigma, torch.full(shape, 0.5)).loss)
+
+
+@pytest.mark.parametrize("noise_level", [0.3, 0.7, 1.0])
+def test_velocity_kl_is_the_flow_sde_steps_kl(noise_level):
+    """The NFT KL in velocity space equals the Gaussian KL of the two flow SDE steps from the same x_t (ALGORITHMS.md 4)."""
+    from pxpo.core.flow import flow_sde_step
+    from pxpo.core.kl import step_kl
+    from pxpo.core.nft import velocity_kl
+
+    g = torch.Generator().manual_seed(3)
+    sigmas = torch.linspace(1.0, 0.0, 6)  # t = 1 at step 0: the SDE's std uses the first step below 1 there
+    b = 5
+    x = torch.randn(b, 4, 6, 6, generator=g)
+    v, v_ref = torch.randn(b, 4, 6, 6, generator=g), torch.randn(b, 4, 6, 6, generator=g)
+    j = torch.tensor([0, 1, 2, 3, 4])
+    p = flow_sde_step(v, sigmas, j, x, noise_level, generator=torch.Generator().manual_seed(0))
+    r = flow_sde_step(v_ref, sigmas, j, x, noise_level, prev_sample=p.prev_sample)
+    want = step_kl(p, r)
+    got = velocity_kl(v, v_ref, sigmas, j, noise_level)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    assert torch.equal(velocity_kl(v, v, sigmas, j, noise_level), torch.zeros_like(v))  # KL of a policy to itself: 0 (I7)
+    with pytest.raises(Exception, match="noise level"):
+        velocity_kl(v, v_ref, sigmas, j, 0.0)

@@ -1,8 +1,10 @@
 """Data-parallel runs equal one process (CPU, gloo, 2 processes) and the launch contract.
 
 * 2 processes vs 1, the same config, 2 epochs, DDIM and LCM x PXPO and DDPO
-  x LoRA and full fine-tuning: parameters equal within 1e-5; every rank
-  computes the same advantages from one gather of the maps.
+  x LoRA and full fine-tuning, and the flow SDE (tiny SD3, LoRA, GRPO groups)
+  x PXPO (SDE window), DDPO, NFT (with its KL) and scalar NFT: parameters
+  equal within 1e-5; every rank computes the same advantages from one gather
+  of the maps.
 * ``pxpo run --processes 2`` (the README's command): one metrics line per
   epoch; kill -9 of one worker mid-run, the same command again: the
   uninterrupted run's parameters.
@@ -49,6 +51,14 @@ def _matrix(models: dict, root: Path) -> list[tuple[str, list[str]]]:
                 else:  # 1 M weights move together: a smaller step keeps epoch 1's 8-bit images away from rounding flips
                     extra.append("train.learning_rate=0.005")
                 runs.append((name, [*FAST, *extra]))
+    # Flow models (tiny SD3, LoRA): Flow-GRPO pixel-wise (with an SDE window) and scalar, DiffusionNFT pixel-wise
+    # (with its velocity KL) and scalar, all with GRPO group advantages (groups of 2 of the epoch's 8 samples)
+    flow = [f"model.path={models['flow_sde']}", "sample.sampler=flow_sde", "sample.group_size=2", "train.advantage_mode=group",
+            "sample.num_batches=2", "train.batch_size=4", "train.gradient_accumulation_steps=2",
+            "train.learning_rate=1.0"]  # the tiny SD3's gradients are small: lr 0.1 moves lora_B by < 1e-3 in 2 epochs
+    for algorithm, extra in (("pxpo", ["sample.sde_window_start=1", "sample.sde_window_size=2"]), ("ddpo", []),
+                             ("nft", ["train.kl_coef=0.5"]), ("nft_scalar", [])):
+        runs.append((f"flow_sde-{algorithm}-lora", [*FAST, *flow, f"train.algorithm={algorithm}", *extra]))
     return runs
 
 
@@ -69,8 +79,8 @@ def _launch(nproc: int, script_args: list[str], timeout=600) -> subprocess.Compl
 
 
 @pytest.fixture(scope="module")
-def models(tiny_model_dir, tiny_lcm_model_dir):
-    return {"ddim": tiny_model_dir, "lcm": tiny_lcm_model_dir}
+def models(tiny_model_dir, tiny_lcm_model_dir, tiny_sd3_dir):
+    return {"ddim": tiny_model_dir, "lcm": tiny_lcm_model_dir, "flow_sde": tiny_sd3_dir}
 
 
 def test_two_processes_equal_one_process(tmp_path, models, monkeypatch):

@@ -14,20 +14,6 @@ FAST = ["sample.sampler=flow_sde", "sample.batch_size=4", "sample.num_steps=3", 
         "train.learning_rate=1e-2", "train.clip_range=0.1", "train.probe_every=0"]
 
 
-@pytest.fixture(scope="module")
-def tiny_sd3_dir(tmp_path_factory):
-    from pxpo.embedded.sd3 import make_tiny_sd3_pipeline
-
-    pipe = make_tiny_sd3_pipeline(seed=0)
-    with torch.no_grad():  # a non-trivial velocity (random init has a near-zero output layer)
-        torch.manual_seed(0)
-        for p in pipe.transformer.proj_out.parameters():
-            p.add_(torch.randn_like(p) * 0.3)
-    d = tmp_path_factory.mktemp("models") / "tiny-sd3"
-    pipe.save_pretrained(d)
-    return d
-
-
 def _cfg(model_dir, out, *extra):
     return load_config(None, [f"model.path={model_dir}", f"output_dir={out}", *FAST, *extra])
 
@@ -134,3 +120,62 @@ def test_prompt_groups():
     assert src.draw_groups(12, 1, 7) == src.draw(12, 7)  # group_size 1: the draws of before
     g = src.draw_groups(12, 4, 7)
     assert len(g) == 12 and all(len(set(g[i : i + 4])) == 1 for i in range(0, 12, 4)) and g[::4] == src.draw(3, 7)
+
+
+def test_nft_honours_the_kl_coefficient_and_reports_no_ratio(tmp_path, tiny_sd3_dir):
+    """`pxpo run train.algorithm=nft sample.sampler=flow_sde train.kl_coef=1`: kl_ref is logged, > 0 after the first
+    epoch, and the penalty changes the update; NFT has no importance ratio, so no ratio figure is logged."""
+    for coef in (0.0, 1.0):
+        d = tmp_path / f"nft{coef}"
+        run(_cfg(tiny_sd3_dir, d, "train.epochs=2", "train.algorithm=nft", f"train.kl_coef={coef}"), JsonlTracker(d), progress=False)
+    hist = _history(tmp_path / "nft1.0")
+    assert all(torch.isfinite(torch.tensor(h["kl_ref"])) for h in hist) and hist[1]["kl_ref"] > 0, hist
+    plain = _history(tmp_path / "nft0.0")
+    for h in (*hist, *plain):
+        assert "ratio_dev_max" not in h and "approx_kl" not in h and "clipfrac" not in h, h  # measured or absent
+        assert h["nft_old_deviation"] >= 0
+    assert "kl_ref" not in plain[0]
+    a, b = (load_file(str(tmp_path / d / "lora" / "pytorch_lora_weights.safetensors")) for d in ("nft0.0", "nft1.0"))
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_nft_old_policy_forward_runs_without_autograd(tmp_path, tiny_sd3_dir):
+    """Per chunk: one forward with gradients (the trained velocity), one without (v_old), none with DDP's bookkeeping."""
+    from pxpo.training.loop import train_on_trajectories
+    from pxpo.training.rollout import sample_trajectories
+    from pxpo.training.state import build_train_state
+
+    cfg = _cfg(tiny_sd3_dir, tmp_path / "g", "train.algorithm=nft", "train.compute_batch=2")
+    pipe, state = build_train_state(cfg)
+    traj = sample_trajectories(pipe, cfg, ["a handwritten digit 1"] * 4, [0, 1, 2, 3], policy=state.policy)
+    grad_modes = []
+    net = state.accelerator.unwrap_model(state.unet)
+    hook = net.register_forward_hook(lambda *a: grad_modes.append(torch.is_grad_enabled()))
+    logs = train_on_trajectories(state, traj, torch.randn(4), cfg, epoch=0)
+    hook.remove()
+    assert logs["optimizer_steps"] == 2 and "ratio_dev_max" not in logs
+    assert len(grad_modes) % 2 == 0 and grad_modes.count(False) == grad_modes.count(True) > 0
+
+
+def test_every_algorithm_the_config_accepts_has_one_objective():
+    import typing
+
+    from pxpo.config import TrainConfig
+    from pxpo.training.objectives import OBJECTIVES
+
+    assert set(typing.get_args(TrainConfig.model_fields["algorithm"].annotation)) == set(OBJECTIVES)
+
+
+def test_sd3_prompts_get_sample_max_sequence_length_t5_tokens(tmp_path, tiny_sd3_dir):
+    """sample.max_sequence_length sets the T5 part of SD3's prompt embedding (256 by default, as diffusers)."""
+    from pxpo.training.rollout import sample_trajectories
+    from pxpo.training.state import build_train_state
+
+    lengths = {}
+    for n in (256, 16):
+        cfg = _cfg(tiny_sd3_dir, tmp_path / f"t{n}", f"sample.max_sequence_length={n}", "sample.batch_size=2")
+        pipe, state = build_train_state(cfg)
+        traj = sample_trajectories(pipe, cfg, ["a handwritten digit 1"] * 2, [0, 1], policy=state.policy)
+        lengths[n] = traj.cond().embeds.shape[1]
+    assert lengths[256] - lengths[16] == 240
+    assert load_config(None, []).sample.max_sequence_length == 256

@@ -185,7 +185,7 @@ def cmd_register(args) -> int:
 
 
 def cmd_pipeline(args) -> int:
-    from ..kubeflow import commands as kc
+    from pipelines import commands as kc
 
     cfg = _config(args)  # the whole resolved config: each task is given its sections of it (pxpo.kubeflow.launcher)
     opts = {"rounds": args.rounds} if getattr(args, "rounds", None) else {}

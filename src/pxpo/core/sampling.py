@@ -60,10 +60,11 @@ def encode_sdxl(pipe, prompts: Sequence[str], image_hw: tuple[int, int]) -> Cond
     return Cond(embeds, pooled, time_ids)
 
 
-def encode_cond(pipe, prompts: Sequence[str], *, negative: bool = False) -> Cond:
+def encode_cond(pipe, prompts: Sequence[str], *, negative: bool = False, max_sequence_length: int = 256) -> Cond:
     """The :class:`Cond` of ``prompts`` (B rows) for ``pipe``'s model family.
 
-    SD 1.x/2.x: ``embeds`` only. SD3: :func:`pxpo.core.flow.encode_sd3` (embeds, pooled). SDXL (a ``text_encoder_2`` and a UNet with
+    SD 1.x/2.x: ``embeds`` only. SD3: :func:`pxpo.core.flow.encode_sd3` (embeds, pooled; ``max_sequence_length``
+    T5 tokens, ``sample.max_sequence_length``). SDXL (a ``text_encoder_2`` and a UNet with
     ``addition_embed_type: text_time``): :func:`encode_sdxl`; with ``negative``
     and an empty negative prompt, zeros when the pipeline's
     ``force_zeros_for_empty_prompt`` is set, as diffusers' SDXL pipeline does.
@@ -71,7 +72,7 @@ def encode_cond(pipe, prompts: Sequence[str], *, negative: bool = False) -> Cond
     if getattr(pipe, "transformer", None) is not None and hasattr(pipe, "text_encoder_3"):  # SD3: the pipeline's own encoding
         from .flow import encode_sd3
 
-        return encode_sd3(pipe, prompts)
+        return encode_sd3(pipe, prompts, max_sequence_length)
     unet = getattr(pipe, "unet", None)
     if getattr(pipe, "text_encoder_2", None) is not None and getattr(getattr(unet, "config", None), "addition_embed_type", None) == "text_time":
         hw = tuple(s * pipe.vae_scale_factor for s in latent_hw(unet.config))

@@ -143,6 +143,8 @@ def train_on_trajectories(
                     j_idx.append(time_perm[idx, j])
             runner.step(torch.cat(s_idx), torch.cat(j_idx), bar)
     bar.close()
+    steps_per_epoch = t.inner_epochs * -(-len(batches) // gas)
+    objective.end_epoch(runner.ctx, (epoch + 1) * steps_per_epoch)  # NFT: the soft update of its sampling policy
     out = runner.logs()
     out["skipped_steps"] = guard.skipped - skipped_before
     return out
@@ -199,6 +201,8 @@ def run(
     # the run's objective (train.algorithm) and ratio health check (warns once per run); the KL reference
     # (train.kl_coef > 0) is state.reference, taken when the state was built (= the base model)
     objective = make_objective(cfg.train, cfg.sample)
+    if objective.stateful:  # NFT's soft-updated sampling policy is part of a checkpoint
+        acc.register_for_checkpointing(objective)
     health = RatioHealth.from_config(cfg.train, precision_of(acc, state.unet))
 
     start_epoch = 0
@@ -245,7 +249,7 @@ def run(
             epoch_prompts = prompts.draw_groups(n_global, cfg.sample.group_size, sample_seed(cfg.seed, epoch, 0, 0))
             seeds = [sample_seed(cfg.seed, epoch, 0, i) for i in range(n_global)]
             pipe.unet = acc.unwrap_model(state.unet)
-            with acc.autocast():
+            with acc.autocast(), objective.sampling(state.params):  # NFT with a soft-updated old policy: its weights
                 local = sample_trajectories(
                     pipe, cfg, epoch_prompts[mine], seeds[mine], batch_size=cfg.sample.batch_size // world,
                     policy=state.policy, compute=state.sample_compute, network=(state.compiled or {}).get("sample"),

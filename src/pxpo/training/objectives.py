@@ -14,8 +14,11 @@ never asks which it is. An objective says
     (DiffusionNFT) instead of the sampler's stored transitions;
 ``names``: the detached diagnostics its :meth:`~Objective.chunk` returns, in order;
 ``steps(policy)``: the transition (or noise-level) indices j its pairs draw from;
-``begin_epoch(ctx)``: called once before an epoch's first update;
-``chunk(ctx, s, j)``: the chunk's :class:`ChunkLoss`.
+``begin_epoch(ctx)`` / ``end_epoch(ctx, optimizer_steps)``: called around an
+    epoch's updates (``optimizer_steps``: the run's steps so far);
+``sampling(params)``: a context the rollouts run in (NFT: the sampling policy's weights);
+``chunk(ctx, s, j)``: the chunk's :class:`ChunkLoss`;
+``state_dict()`` / ``load_state_dict()``: what a checkpoint keeps of it.
 
 Implementations: :class:`PolicyGradient` (``pxpo``, ``ddpo``; PPO-clipped or
 score-function by ``train.loss``) and :class:`NFT` (``nft``, ``nft_scalar``).
@@ -87,13 +90,22 @@ class Objective(Protocol):
     per_sample: bool
     has_ratio: bool
     forward_process: bool
+    stateful: bool
     names: tuple[str, ...]
 
     def steps(self, policy) -> torch.Tensor: ...
 
     def begin_epoch(self, ctx: ChunkContext) -> None: ...
 
+    def end_epoch(self, ctx: ChunkContext, optimizer_steps: int) -> None: ...
+
+    def sampling(self, params) -> contextlib.AbstractContextManager: ...
+
     def chunk(self, ctx: ChunkContext, s: torch.Tensor, j: torch.Tensor) -> ChunkLoss: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
 
 
 class PolicyGradient:
@@ -104,7 +116,7 @@ class PolicyGradient:
     The KL to the reference is the Gaussian step KL on the same stored x_t (:mod:`pxpo.core.kl`).
     """
 
-    has_ratio, forward_process = True, False
+    has_ratio, forward_process, stateful = True, False, False
     names = PG_DIAGNOSTICS
 
     def __init__(self, train_cfg, per_sample: bool):
@@ -114,6 +126,18 @@ class PolicyGradient:
         return policy.trained_steps  # LCM: not the last re-noising; a windowed SDE: the window
 
     def begin_epoch(self, ctx: ChunkContext) -> None:
+        pass
+
+    def end_epoch(self, ctx: ChunkContext, optimizer_steps: int) -> None:
+        pass
+
+    def sampling(self, params):
+        return contextlib.nullcontext()  # on-policy: the rollouts are the current weights'
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
         pass
 
     def chunk(self, ctx: ChunkContext, s: torch.Tensor, j: torch.Tensor) -> ChunkLoss:
@@ -136,10 +160,14 @@ class NFT:
     Each pair (sample s, level j) takes the sample's clean latent x_0 (the
     trajectory's last latent), t = sigmas[j] of the sampling schedule and fresh
     noise eps, forms x_t = (1 - t) x_0 + t eps and fits the conditional velocity
-    there (CFG-free: no guidance at training time). v_old, the sampling policy's
-    velocity, comes from the trainable weights as they were when the epoch's
-    training began (a copy taken in :meth:`begin_epoch`, swapped in for one
-    no-grad forward of the unwrapped network per chunk). The noise of pair (s, j)
+    there (CFG-free: no guidance at training time). v_old is the sampling policy's
+    velocity: the trainable weights ``old`` swapped in for one no-grad forward of
+    the unwrapped network per chunk. By default (``train.nft_old_decay_rate`` 0)
+    ``old`` is the current weights at the start of each epoch (on-policy). With a
+    rate > 0 it is DiffusionNFT's soft-updated policy: after each epoch
+    old <- d old + (1 - d) current, d = min(rate x optimizer steps, ``nft_old_decay_max``),
+    and the online loop samples with ``old`` (:meth:`sampling`); it is kept in
+    checkpoints (:meth:`state_dict`). The noise of pair (s, j)
     is a function of (run seed, epoch, global sample index, j) only, so any number
     of processes and any chunking give the same points.
 
@@ -156,13 +184,50 @@ class NFT:
     def __init__(self, train_cfg, per_sample: bool, noise_level: float | None = None):
         self.t, self.per_sample = train_cfg, per_sample
         self.kl_noise_level = noise_level if noise_level else NFT_KL_NOISE_LEVEL
-        self.old: list[torch.Tensor] = []
+        self.decay_rate, self.decay_max = train_cfg.nft_old_decay_rate, train_cfg.nft_old_decay_max
+        self.old: list[torch.Tensor] = []  # the sampling policy's values of the trainable parameters
 
     def steps(self, policy) -> torch.Tensor:
         return torch.arange(len(policy.timesteps))  # every level of the schedule
 
+    @property
+    def stateful(self) -> bool:
+        """Whether a checkpoint must keep :meth:`state_dict` (a soft-updated sampling policy)."""
+        return self.decay_rate > 0
+
+    def _place(self, params) -> None:
+        """Moves ``old`` (e.g. loaded from a checkpoint on CPU) to the parameters' devices and dtypes."""
+        self.old = [o.to(p.device, p.dtype) for o, p in zip(self.old, params)]
+
     def begin_epoch(self, ctx: ChunkContext) -> None:
-        self.old = [p.detach().clone() for p in ctx.params]  # the sampling policy's weights
+        if not self.old or self.decay_rate == 0:  # on-policy (or the run's first epoch): the current weights
+            self.old = [p.detach().clone() for p in ctx.params]
+        self._place(ctx.params)
+
+    def decay(self, optimizer_steps: int) -> float:
+        """d of the soft update after ``optimizer_steps`` steps: min(rate x steps, max)."""
+        return min(self.decay_rate * optimizer_steps, self.decay_max)
+
+    @torch.no_grad()
+    def end_epoch(self, ctx: ChunkContext, optimizer_steps: int) -> None:
+        if self.decay_rate == 0:
+            return
+        d = self.decay(optimizer_steps)
+        for o, p in zip(self.old, ctx.params):
+            o.mul_(d).add_(p.detach().to(o.dtype), alpha=1 - d)
+
+    def sampling(self, params):
+        """The rollouts run with the sampling policy's weights (only with a soft-updated old policy)."""
+        if self.decay_rate == 0 or not self.old:
+            return contextlib.nullcontext()
+        self._place(params)
+        return self._old_weights(params)
+
+    def state_dict(self) -> dict:
+        return {"old": [o.detach().cpu() for o in self.old]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.old = [o.clone() for o in state.get("old", [])]
 
     @contextlib.contextmanager
     def _old_weights(self, params):

@@ -70,11 +70,11 @@ def sample_trajectories(
     denoiser = policy.denoiser(network if network is not None else unet, unet.dtype)
     was_training = unet.training
     unet.eval()
-    neg = encode_cond(pipe, [cfg.prompts.negative_prompt], negative=True)
+    neg = encode_cond(pipe, [cfg.prompts.negative_prompt], negative=True, max_sequence_length=s.max_sequence_length)
     latent_shape = (unet.config.in_channels, *latent_hw(unet.config))
 
     def roll(c: slice):
-        cond = encode_cond(pipe, prompts[c])
+        cond = encode_cond(pipe, prompts[c], max_sequence_length=s.max_sequence_length)
         gens = [torch.Generator().manual_seed(sd) for sd in seeds[c]]
         r = policy.sample(denoiser, cond, neg, latent_shape, gens, progress=progress)
         # the reward is on Rollout.final (RLCM: the last f_theta output, not the last noised sample)
