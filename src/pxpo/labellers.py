@@ -13,7 +13,8 @@
   or the weighted combination of ``reward.components``, :mod:`pxpo.core.rewards.combine`).
 * :func:`make_gold`: the gold labellers of ``evaluate.gold``, by key.
 
-Importing this module registers ``digit_fidelity``; :mod:`pxpo.config`
+Importing this module registers ``digit_fidelity`` and ``http`` (a reward
+model served over HTTP, :mod:`pxpo.rewards_http`); :mod:`pxpo.config`
 imports it before checking labeller names.
 """
 
@@ -27,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .core.rewards import Component, LabelFn, combined_labeller, constant_maps, make_labeller, register
+from . import rewards_http  # noqa: F401  (registers the http labeller: reward models served over HTTP)
 from .errors import PxpoInputError
 
 _DIGIT = re.compile(r"\bdigit\s+(\d)\b|\b(\d)\b")

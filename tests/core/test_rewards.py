@@ -36,9 +36,10 @@ def test_available_lists_all_shipped_labellers():
     assert R.available() == sorted(R.REGISTRY)
 
 
-# Labellers reading files (a folder of painted maps, a trained model) have their own shape / dtype /
-# info tests: tests/core/test_rewards_human.py and tests/test_dense_reward.py.
-NEEDS_FILES = {"painted_maps", "dense_model"}
+# Labellers reading files (a folder of painted maps, a trained model) or asking a server (http) have their
+# own shape / dtype / info tests: tests/core/test_rewards_human.py, tests/test_dense_reward.py and
+# tests/test_rewards_http.py.
+NEEDS_FILES = {"painted_maps", "dense_model", "http"}
 
 
 # Every registered labeller, the library's (digit_fidelity) included: the list must not depend on which
