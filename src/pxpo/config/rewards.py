@@ -6,7 +6,10 @@ one map per sample (:mod:`pxpo.core.rewards.combine`), with ``normalize: group``
 normalising each component per prompt group before weighting. The gold rewards
 of ``evaluate.gold`` are :class:`LabellerSpec` entries (no weight). Labeller
 names are checked against the registry (:mod:`pxpo.labellers` registers the
-library's own, e.g. ``digit_fidelity``). Used by :mod:`pxpo.config`.
+library's own, e.g. ``digit_fidelity``), the installed plugins (entry-point
+group ``pxpo.labellers``) and the form of ``package.module:factory``
+references (:mod:`pxpo.core.rewards.plugins`; their module is imported when
+the labeller is built, not here). Used by :mod:`pxpo.config`.
 """
 
 from __future__ import annotations
@@ -39,16 +42,20 @@ class _Spec(BaseModel):
 
 
 def _check_name(name: str):
+    """A built-in name, an installed plugin's or a well-formed ``package.module:factory`` (imported only when built)."""
+    from ..core.rewards import name_problem
+
     known = known_labellers()
-    if name not in known:
-        return _fail("name", f"unknown labeller {name!r}", f"use one of {', '.join(sorted(known))} (`pxpo labellers` lists them)")
+    if (problem := name_problem(name)) is not None:
+        return _fail("name", problem, f"use one of {', '.join(sorted(known))} (`pxpo labellers` lists them), "
+                                      "an installed plugin's name (entry-point group pxpo.labellers) or package.module:factory")
     return None
 
 
 class LabellerSpec(_Spec):
     """One labeller by name: a gold reward (``evaluate.gold``) or, with a weight, a reward component."""
 
-    name: Str = Field(description="A labeller (`pxpo labellers` lists them).")
+    name: Str = Field(description="A labeller: built-in, an installed plugin's name or package.module:factory (`pxpo labellers` lists them).")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments of the labeller.")
     label: Str | None = Field(None, description="The key its mean is logged under (reward_<key> / gold_<key>; default: the name).")
 
@@ -72,7 +79,7 @@ class RewardComponent(LabellerSpec):
 class RewardConfig(_Spec):
     """The trained reward: one labeller (``name``, ``kwargs``) or several weighted ones (``components``)."""
 
-    name: Str = Field("brightness_target", description="A labeller in pxpo.core.rewards.REGISTRY (`pxpo labellers` lists them).")
+    name: Str = Field("brightness_target", description="A labeller: built-in, an installed plugin's name (entry-point group pxpo.labellers) or package.module:factory (`pxpo labellers` lists them).")
     kwargs: dict[str, Any] = Field(default_factory=lambda: {"layout": "left_bright"}, description="Keyword arguments of the labeller.")
     components: list[RewardComponent] = Field(
         default_factory=list, description="Several labellers with weights, summed into one map per sample (instead of name / kwargs)."

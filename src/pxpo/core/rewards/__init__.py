@@ -22,7 +22,10 @@ Map conventions
   occlusion (:func:`occlusion_map`), whose pixel mean is still exactly ``r``.
 * Labellers are built from the registry: ``make_labeller(name, **kwargs)``,
   where ``kwargs`` come from the user's config (``reward.kwargs``).  Bad names
-  and arguments raise :class:`pxpo.errors.PxpoInputError`.
+  and arguments raise :class:`pxpo.errors.PxpoInputError`.  ``name`` may also
+  be an installed plugin (entry-point group ``pxpo.labellers``) or a
+  ``package.module:factory`` reference (:mod:`.plugins`); a labeller may
+  return scalars ``(B,)``, which become constant maps.
 
 Region names (``"all"``, ``"left"``, ``"right"``, ``"top"``, ``"bottom"``,
 ``"center"``) are defined on pixel centres: ``"left"`` is the columns whose
@@ -31,15 +34,17 @@ the height and half the width.
 
 Families, one module each: :mod:`.formulas` (constant, brightness layouts),
 :mod:`.masks` (colour in a region, ink masks), :mod:`.compression` (JPEG),
-:mod:`.similarity` (SSIM), :mod:`.adapters` (occlusion), :mod:`.human`
+:mod:`.similarity` (SSIM), :mod:`.adapters` (occlusion), :mod:`.attribution` (gradient
+attribution of a differentiable scalar reward), :mod:`.human`
 (painted maps from people or any tool) and :mod:`.learned` (a trained dense
 reward model).  Importing the package registers them all.  :mod:`.combine`
 weights several labellers into one map per sample (optionally normalised per
 prompt group first).
 """
 
-from . import adapters, compression, formulas, human, learned, masks, similarity  # noqa: F401  (register)
-from .adapters import _as_scalar_fn, _occlusion, occlusion, occlusion_map
+from . import adapters, attribution, compression, formulas, human, learned, masks, plugins, similarity  # noqa: F401  (register)
+from .adapters import _as_scalar_fn, _occlusion, base_scalar_fn, occlusion, occlusion_map
+from .attribution import attribution_adapter, attribution_map, pixel_attribution, window_sum
 from .common import (
     REGIONS,
     _as_grid,
@@ -71,5 +76,17 @@ from .compression import (
 )
 from .formulas import brightness_target, constant
 from .masks import color_target, mask_region
-from .registry import REGISTRY, LabelFn, ScalarFn, _check_images, available, check_maps, make_labeller, register
+from .registry import (
+    REGISTRY,
+    LabelFn,
+    ScalarFn,
+    _check_images,
+    available,
+    check_maps,
+    lookup,
+    make_labeller,
+    name_problem,
+    origin,
+    register,
+)
 from .similarity import _load_reference, gaussian_window, ssim, ssim_map

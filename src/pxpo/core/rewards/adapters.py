@@ -1,4 +1,4 @@
-"""Adapters: any scalar reward turned into a map by occlusion."""
+"""Adapters: any scalar reward turned into a map by occlusion (:mod:`.attribution`: by its gradient)."""
 
 from typing import Any, Callable, Optional, Sequence
 
@@ -7,7 +7,6 @@ import torch
 from pxpo.errors import PxpoInputError
 
 from .registry import LabelFn, ScalarFn, available, make_labeller, register
-
 
 
 def _as_scalar_fn(fn: Callable) -> ScalarFn:
@@ -23,6 +22,23 @@ def _as_scalar_fn(fn: Callable) -> ScalarFn:
         return out.reshape(-1)
 
     return scalar
+
+
+def base_scalar_fn(base: Any, base_kwargs: Optional[dict] = None) -> ScalarFn:
+    """The scalar reward an adapter works on: a labeller name (registered, a plugin or
+    ``module:function``; built with ``base_kwargs``; its scalar is the pixel mean of its map)
+    or a callable ``fn(images, prompts)`` returning ``(B,)`` scalars or a ``LabelFn``'s result."""
+    if isinstance(base, str):
+        if base_kwargs is not None and not isinstance(base_kwargs, dict):
+            raise PxpoInputError("reward.kwargs.base_kwargs", f"expected a mapping, got {base_kwargs!r}", "give a dict")
+        return _as_scalar_fn(make_labeller(base, **(base_kwargs or {})))
+    if callable(base):
+        if base_kwargs:
+            raise PxpoInputError("reward.kwargs.base_kwargs", "only used when base is a labeller name", "drop base_kwargs")
+        return _as_scalar_fn(base)
+    raise PxpoInputError(
+        "reward.kwargs.base", f"expected a labeller name or a callable, got {base!r}", f"use one of: {', '.join(available())}"
+    )
 
 
 def occlusion_map(
@@ -100,9 +116,11 @@ def _occlusion(
 def occlusion(base: Any = "jpeg_size", patch: int = 4, fill: float = 0.5, base_kwargs: Optional[dict] = None) -> LabelFn:
     """Any scalar reward as a map by occlusion (see :func:`occlusion_map`).
 
-    ``base`` is the name of a registered labeller (its scalar is the pixel
-    mean of its map; built with ``base_kwargs``) or a callable
-    ``fn(images, prompts)`` returning ``(B,)`` scalars (or a ``LabelFn``).
+    ``base`` is a labeller name (registered, a plugin or ``module:function``;
+    its scalar is the pixel mean of its map; built with ``base_kwargs``) or a
+    callable ``fn(images, prompts)`` returning ``(B,)`` scalars (or a ``LabelFn``).
+    For a differentiable reward, ``attribution`` gives a map from one backward
+    pass instead (:mod:`.attribution`).
 
     Shapes: ``(B, 3, H, W) -> (B, H, W)``; the pixel mean of each map equals the
     base scalar; ``info["scalar"]`` holds those scalars.  Costs ``1 +
@@ -110,18 +128,7 @@ def occlusion(base: Any = "jpeg_size", patch: int = 4, fill: float = 0.5, base_k
     """
     if isinstance(patch, bool) or not isinstance(patch, int) or patch < 1:
         raise PxpoInputError("reward.kwargs.patch", f"expected an integer >= 1, got {patch!r}", "use e.g. 4 or 8")
-    if isinstance(base, str):
-        if base_kwargs is not None and not isinstance(base_kwargs, dict):
-            raise PxpoInputError("reward.kwargs.base_kwargs", f"expected a mapping, got {base_kwargs!r}", "give a dict")
-        scalar_fn = _as_scalar_fn(make_labeller(base, **(base_kwargs or {})))
-    elif callable(base):
-        if base_kwargs:
-            raise PxpoInputError("reward.kwargs.base_kwargs", "only used when base is a labeller name", "drop base_kwargs")
-        scalar_fn = _as_scalar_fn(base)
-    else:
-        raise PxpoInputError(
-            "reward.kwargs.base", f"expected a labeller name or a callable, got {base!r}", f"use one of: {', '.join(available())}"
-        )
+    scalar_fn = base_scalar_fn(base, base_kwargs)
     fill_v = fill
 
     def fn(images: torch.Tensor, prompts: Sequence[str]) -> tuple[torch.Tensor, dict]:
