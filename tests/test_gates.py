@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+import prereq
 from pxpo.mlflow.gates import champion_gate, check_number, passes
 from pxpo.mlflow.promotion import format_summary, gold_gate, read_validation_reports
 
@@ -122,7 +123,7 @@ def test_format_summary_survives_nan_and_missing_gold():
 
 @pytest.fixture
 def store(tmp_path, monkeypatch):
-    mlflow = pytest.importorskip("mlflow")
+    mlflow = prereq.import_module("mlflow", "pinned in requirements-lock.txt (bash scripts/setup.sh)")
     from pxpo.mlflow.tracking import default_tracking_uri
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+import prereq
 from pxpo.config import load_config
 from pxpo.errors import PxpoInputError
 from pxpo.labellers import make_gold, prompted_digit
@@ -90,7 +91,7 @@ def test_evaluation_grid_rows_are_labelled(tmp_path):
 
 @pytest.fixture
 def store(tmp_path, monkeypatch):
-    mlflow = pytest.importorskip("mlflow")
+    mlflow = prereq.import_module("mlflow", "pinned in requirements-lock.txt (bash scripts/setup.sh)")
     from pxpo.mlflow.tracking import default_tracking_uri
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

@@ -7,7 +7,9 @@ per pixel: the stroke's coverage, 255 where painted; the browser test checks thi
 same rectangles, independently of pxpo's conversion code.
 
 Marked ``labelstudio``: skipped unless the server's environment exists
-(``bash scripts/setup-labelstudio.sh``; ``scripts/test.sh``, hence CI, creates it unless PXPO_LABEL_STUDIO=0).
+(``bash scripts/setup-labelstudio.sh``; ``scripts/test.sh`` creates it unless PXPO_LABEL_STUDIO=0). Under CI=true
+(tests/prereq.py) a missing environment, or a missing chromium for the browser test, FAILS these tests:
+``scripts/test.sh`` installs both there, and fails itself when it cannot.
 """
 
 from __future__ import annotations
@@ -20,15 +22,19 @@ import pytest
 import torch
 
 import labelstudio_server as lss
+import prereq
 from pxpo.cli import main
 from pxpo.config import load_config
 from pxpo.errors import PxpoInputError
 from pxpo.trajectories import load_reward_maps, load_trajectories, make_meta, quantize_images, save_trajectories, Trajectories
 
-pytestmark = [
-    pytest.mark.labelstudio,
-    pytest.mark.skipif(lss.label_studio_bin() is None, reason="no Label Studio environment (bash scripts/setup-labelstudio.sh)"),
-]
+pytestmark = pytest.mark.labelstudio
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _label_studio_environment():
+    """Before the (module-scoped) server starts: skip the module without the server's environment; fail under CI."""
+    prereq.require(lss.label_studio_bin(), "no Label Studio environment (bash scripts/setup-labelstudio.sh)")
 
 H = W = 16
 N = 4
@@ -195,12 +201,17 @@ def test_config_json_roundtrip_of_strengths():
     assert json.loads(json.dumps(cfg.label.strengths)) == {"good": 2.0, "meh": 0.5, "bad": -1.0}
 
 
-@pytest.mark.skipif(not (lss.ROOT / ".venv-labelstudio" / "bin" / "python").is_file() or not __import__("shutil").which("chromium"),
-                    reason="needs .venv-labelstudio (with selenium) and Debian's chromium")
 def test_a_person_paints_in_the_labelling_page(server, tmp_path, monkeypatch):
     """Headless Chromium logs in, paints one 'good' stroke on the labelling page and submits; pull sees it."""
     import subprocess
     import sys as _sys
+    from pathlib import Path
+
+    # tests/labelstudio_browser.py runs with .venv-labelstudio's python (selenium) and Debian's chromium + chromedriver
+    prereq.require((lss.ROOT / ".venv-labelstudio" / "bin" / "python").is_file(),
+                   "needs .venv-labelstudio (with selenium): bash scripts/setup-labelstudio.sh")
+    prereq.require(Path("/usr/bin/chromium").is_file() and Path("/usr/bin/chromedriver").is_file(),
+                   "needs Debian's chromium and chromedriver at /usr/bin (apt-get install chromium chromium-driver)")
 
     from pxpo.labelstudio.client import LabelStudioClient
     from pxpo.stages.label_studio import pull, push

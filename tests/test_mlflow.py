@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 import torch
 
-mlflow = pytest.importorskip("mlflow")
+import prereq
+mlflow = prereq.import_module("mlflow", "pinned in requirements-lock.txt (bash scripts/setup.sh)")
 
 from pxpo.mlflow.model_registry import (  # noqa: E402
     find_version,

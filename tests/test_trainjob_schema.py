@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+import prereq
 from pxpo.kubeflow.trainjob import NODE_JOB, TRAINER_APIS, run_multinode_train, train_command, trainjob_manifest
 
 K8S = Path(__file__).parent / "k8s"
@@ -375,7 +376,7 @@ def _strict(schema):
 @pytest.mark.parametrize(("trainer_api", "release"), [("v2.3", "v2.3"), ("v2.1", "v2.1"), ("v2.1", "v2.3"), ("v2.3", "v2.1")])
 def test_jsonschema_agrees(trainer_api, release):
     """A second implementation of the standard keywords (types, required, enums, bounds, patterns) agrees."""
-    jsonschema = pytest.importorskip("jsonschema")
+    jsonschema = prereq.import_module("jsonschema")
     validator = jsonschema.Draft7Validator(_strict(schema_of(release)))
     for nodes, pvc, placement in VARIANTS:
         m = _manifest(nodes, pvc, placement, trainer_api)

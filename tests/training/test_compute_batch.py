@@ -11,11 +11,14 @@
 
 import sys
 import warnings
+from functools import lru_cache
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+import pxpo
 from pxpo.training.compute_batch import ComputeBatch, is_oom, pick_compute_batch
 from pxpo.config import load_config
 from pxpo.stages.online import run_online as run
@@ -168,6 +171,26 @@ def test_auto_size_from_measured_memory():
     assert sizes == [4, 4, 2]
 
 
+PXPO_SOURCE = Path(pxpo.__file__).resolve().parent  # the imported package's own directory (src/pxpo in a checkout)
+
+
+@lru_cache(maxsize=None)
+def is_pxpo_code(filename: str) -> bool:
+    """True for a module of the imported pxpo package, by where its file really is: not by a "pxpo" in the path,
+    which a checkout named pxpo (git clone's default) gives to every file of its .venv (torch.optim included)."""
+    return Path(filename).resolve().is_relative_to(PXPO_SOURCE)
+
+
+def test_pxpo_code_is_told_by_the_package_location():
+    import torch.optim.optimizer as optim
+
+    assert is_pxpo_code(sys.modules[ComputeBatch.__module__].__file__) and is_pxpo_code(pxpo.__file__)
+    assert not is_pxpo_code(optim.__file__) and not is_pxpo_code(__file__)
+    # a checkout named pxpo puts "pxpo" in the path of every file of its .venv: they are still not pxpo's
+    assert not is_pxpo_code("/tmp/pxpo/.venv/lib/python3.11/site-packages/torch/optim/optimizer.py")
+    assert not is_pxpo_code(str(PXPO_SOURCE.parent / "pxpo_extras" / "x.py"))  # a sibling whose name starts alike
+
+
 def _host_reads(model_dir, out, compute_batch, monkeypatch) -> tuple[list[str], dict]:
     from pxpo.training.rollout import sample_trajectories
     from pxpo.training.loop import train_on_trajectories
@@ -184,7 +207,7 @@ def _host_reads(model_dir, out, compute_batch, monkeypatch) -> tuple[list[str], 
 
         def read(self, *a, **k):
             caller = sys._getframe(1).f_code.co_filename
-            if "pxpo" in caller and "tests" not in caller:  # pxpo's own reads (not torch.optim's step counters)
+            if is_pxpo_code(caller):  # pxpo's own reads (not torch.optim's step counters, not the tests')
                 reads.append(f"{name} {caller}:{sys._getframe(1).f_lineno}")
             return real(self, *a, **k)
 
@@ -203,7 +226,7 @@ def test_host_reads_do_not_grow_with_the_chunks(tiny_model_dir, tmp_path, monkey
     twelve, _ = _host_reads(tiny_model_dir, tmp_path / "b", 1, monkeypatch)
     assert logs["optimizer_steps"] == 1
     assert len(twelve) == len(one), (one, twelve)
-    assert len(one) <= 8, one  # a handful per step and per epoch (grad norm + finite flag, the epoch's diagnostics)
+    assert 1 <= len(one) <= 8, one  # a handful per step and per epoch (grad norm + finite flag, the epoch's diagnostics)
 
 
 @pytest.mark.gpu
