@@ -51,6 +51,9 @@ class FakeServer:
                 if server.fail_first > 0:
                     server.fail_first -= 1
                     mode = "503"
+                if mode == "drop":  # close the connection without an answer
+                    self.close_connection = True
+                    return
                 if mode == "hang":
                     time.sleep(1.5)
                     return self._send(200, b"{}")
@@ -252,6 +255,14 @@ def test_a_hanging_server_times_out(server):
     with pytest.raises(RewardServerError, match=r"no answer within 0.2 s \(timeout_s\) \(2 attempts in"):
         c(_images(1), _prompts(1))
     assert time.monotonic() - t0 < 1.4 and len(server.requests) == 2
+
+
+def test_a_dropped_connection_is_retried(server):
+    server.mode = "drop"
+    c = _client(server.url, retries=1)
+    with pytest.raises(RewardServerError, match=r"batch 0 \(samples 0-0\): connection lost \(RemoteDisconnected: .*\(2 attempts in"):
+        c(_images(1), _prompts(1))
+    assert len(server.requests) == 2 and c.waits == [0.01]
 
 
 def test_no_server_is_retried_then_named():

@@ -326,7 +326,7 @@ def _number(value: Any, name: str, kind: type, minimum: float):
 
 
 @register("http")
-def http(url: Any = None, output: str = "map", batch_size: int = 16, timeout_s: float = 60.0, retries: int = 3,
+def http_labeller(url: Any = None, output: str = "map", batch_size: int = 16, timeout_s: float = 60.0, retries: int = 3,
          backoff_s: float = 1.0, max_backoff_s: float = 30.0) -> LabelFn:
     """A reward model served over HTTP (MLflow's scoring protocol, e.g. `mlflow models serve`): maps or scalars per image.
 
