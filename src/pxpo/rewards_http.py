@@ -48,6 +48,7 @@ it as one line and exits with status 3, and ``pxpo label`` writes nothing.
 from __future__ import annotations
 
 import base64
+import collections
 import http.client
 import io
 import json
@@ -199,8 +200,8 @@ class _Transient(Exception):
 class HttpReward:
     """A labeller that asks a reward server: ``labeller(images (B, 3, H, W), prompts) -> (maps (B, H, W), info)``.
 
-    ``info["scalar"]`` holds the per-image rewards. ``attempts`` records every
-    request: ``{"batch", "attempt", "error"}`` (``error`` None on success);
+    ``info["scalar"]`` holds the per-image rewards. ``attempts`` records the last
+    1000 requests: ``{"batch", "attempt", "error"}`` (``error`` None on success);
     ``sleep`` (``time.sleep``) is what waits between attempts.
     """
 
@@ -215,7 +216,7 @@ class HttpReward:
         self.retries = _number(retries, "retries", int, 0)
         self.backoff_s = _number(backoff_s, "backoff_s", float, 0.0)
         self.max_backoff_s = _number(max_backoff_s, "max_backoff_s", float, 0.0)
-        self.attempts: list[dict] = []
+        self.attempts: collections.deque[dict] = collections.deque(maxlen=1000)
         self.sleep = time.sleep
 
     def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> tuple[torch.Tensor, dict]:
