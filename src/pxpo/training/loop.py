@@ -189,14 +189,8 @@ def run(
     Returns:
         the summary dict (also written to summary.json).
     """
-    run_dir = Path(cfg.output_dir)
-    acc = state.accelerator
-    if cfg.train.advantage_mode == "group":  # GRPO: within each epoch's groups of sample.group_size
-        stat_tracker = GroupRelative(cfg.train.baseline, cfg.train.group_std)
-    else:
-        stat_tracker = PerPromptStatTracker(
-            cfg.train.buffer_size, cfg.train.min_count, cfg.train.baseline, max_bytes=int(cfg.train.tracker_max_mb * 2**20)
-        )
+    run_dir, acc = Path(cfg.output_dir), state.accelerator
+    stat_tracker = make_stat_tracker(cfg.train)
     acc.register_for_checkpointing(stat_tracker)
     # the run's objective (train.algorithm) and ratio health check (warns once per run); the KL reference
     # (train.kl_coef > 0) is state.reference, taken when the state was built (= the base model)
@@ -204,18 +198,7 @@ def run(
     if objective.stateful:  # NFT's soft-updated sampling policy is part of a checkpoint
         acc.register_for_checkpointing(objective)
     health = RatioHealth.from_config(cfg.train, precision_of(acc, state.unet))
-
-    start_epoch = 0
-    ck = latest_checkpoint(run_dir) if resume else None
-    if init_state is not None:
-        acc.load_state(str(Path(init_state) / "state"))
-        start_epoch = json.loads((Path(init_state) / "pxpo_round.json").read_text())["completed_rounds"]
-    elif ck is not None:
-        acc.load_state(str(ck))
-        start_epoch = json.loads((ck / "pxpo_epoch.json").read_text())["completed_epochs"]
-        acc.print(f"resumed from {ck} at epoch {start_epoch}")
-    elif acc.is_main_process and run_dir.exists():
-        (run_dir / "summary.json").unlink(missing_ok=True)
+    start_epoch = restore(acc, run_dir, resume=resume, init_state=init_state)
     if acc.is_main_process:
         tracker.truncate(start_epoch)
         tracker.log_params(cfg.to_dict())
@@ -223,16 +206,15 @@ def run(
     guard = StepGuard.from_config(cfg.train)
     probe = DriftProbe.build(cfg, pipe, state, prompts, run_dir, fresh=start_epoch == 0 and init_state is None, previous=init_state)
 
-    unet_cfg = acc.unwrap_model(state.unet).config
-    size = unet_cfg.sample_size
-    latent_hw = (size, size) if isinstance(size, int) else tuple(size)
+    latent_hw = latent_grid(acc.unwrap_model(state.unet).config)
     world, rank = acc.num_processes, acc.process_index
     n_global = cfg.sample.batch_size * cfg.sample.num_batches  # samples per epoch, over all processes
     mine = shard(n_global, rank, world)
     total_epochs = cfg.train.epochs if rounds is None else start_epoch + rounds
     end_epoch = total_epochs if stop_after_epochs is None else min(total_epochs, start_epoch + stop_after_epochs)
     for epoch in range(start_epoch, end_epoch):
-        if first_batch is not None and epoch == start_epoch:
+        staged = first_batch is not None and epoch == start_epoch
+        if staged:
             # Stage form: this epoch's samples and maps come from the sample / label stages.
             traj, maps, info = first_batch  # info: the label stage's (reward_<key> of several components)
             if len(traj) != n_global:
@@ -267,7 +249,7 @@ def run(
         def compute(tracker_, prompts_, maps_):
             return compute_advantages(tracker_, prompts_, maps_, latent_hw, objective)
 
-        all_maps, adv_all = global_advantages(acc, stat_tracker, compute, epoch_prompts, maps, gathered=first_batch is not None and epoch == start_epoch)
+        all_maps, adv_all = global_advantages(acc, stat_tracker, compute, epoch_prompts, maps, gathered=staged)
         adv = adv_all[mine]
 
         # ---------------- TRAINING ----------------
@@ -278,6 +260,7 @@ def run(
             raise rollback(state, run_dir, tracker, err, init_state) from err
         t_train = time.perf_counter() - t0
 
+        # ---------------- LOGGING ----------------
         scalar = all_maps.mean((1, 2))
         metrics = {
             "reward_mean": scalar.mean().item(),
@@ -294,21 +277,71 @@ def run(
         if acc.is_main_process:
             tracker.log_metrics(metrics, step=epoch)
             if progress:
-                print(
-                    f"epoch {epoch:3d}  reward {metrics['reward_mean']:.4f} +- {metrics['reward_std']:.4f}  "
-                    f"kl {metrics.get('approx_kl', float('nan')):.2e}  clipfrac {metrics.get('clipfrac', float('nan')):.3f} "
-                    f"(element {metrics.get('clipfrac_element', float('nan')):.3f}, mean {metrics.get('clipfrac_mean', float('nan')):.3f})  "
-                    f"sample {t_sample:.1f}s  train {t_train:.1f}s",
-                    flush=True,
-                )
+                print(epoch_line(epoch, metrics), flush=True)
         if rounds is None and ((epoch + 1) % cfg.train.save_every == 0 or epoch + 1 == cfg.train.epochs):
             save_checkpoint(state, run_dir, epoch, cfg.train.keep_checkpoints)
 
+    return finish(cfg, state, tracker, run_dir, start_epoch=start_epoch, end_epoch=end_epoch, total_epochs=total_epochs,
+                  rounds=rounds, last_images=local.images if end_epoch > start_epoch else None)
+
+
+def make_stat_tracker(t):
+    """The advantage statistics of ``cfg.train``: GRPO's groups, or per-prompt buffers."""
+    if t.advantage_mode == "group":  # GRPO: within each epoch's groups of sample.group_size
+        return GroupRelative(t.baseline, t.group_std)
+    return PerPromptStatTracker(t.buffer_size, t.min_count, t.baseline, max_bytes=int(t.tracker_max_mb * 2**20))
+
+
+def latent_grid(net_config) -> tuple[int, int]:
+    """(h, w) of the latents a network's config declares."""
+    size = net_config.sample_size
+    return (size, size) if isinstance(size, int) else tuple(size)
+
+
+def restore(acc, run_dir: Path, *, resume: bool, init_state: Path | None) -> int:
+    """Loads the state a run continues from; returns its first epoch.
+
+    Stage form: ``init_state`` (a previous ``pxpo train`` output: ``state/``, ``pxpo_round.json``).
+    Online: the newest checkpoint under ``run_dir`` when ``resume``; a fresh run drops a stale summary.json.
+    """
+    ck = latest_checkpoint(run_dir) if resume else None
+    if init_state is not None:
+        acc.load_state(str(Path(init_state) / "state"))
+        return json.loads((Path(init_state) / "pxpo_round.json").read_text())["completed_rounds"]
+    if ck is not None:
+        acc.load_state(str(ck))
+        start = json.loads((ck / "pxpo_epoch.json").read_text())["completed_epochs"]
+        acc.print(f"resumed from {ck} at epoch {start}")
+        return start
+    if acc.is_main_process and run_dir.exists():
+        (run_dir / "summary.json").unlink(missing_ok=True)
+    return 0
+
+
+def epoch_line(epoch: int, m: dict) -> str:
+    """The progress line of an epoch: the reward, then the objective's own signal (PG: approx_kl and clipfrac)."""
+    nan = float("nan")
+    line = f"epoch {epoch:3d}  reward {m['reward_mean']:.4f} +- {m['reward_std']:.4f}  "
+    if "approx_kl" in m:
+        line += (f"kl {m['approx_kl']:.2e}  clipfrac {m.get('clipfrac', nan):.3f} "
+                 f"(element {m.get('clipfrac_element', nan):.3f}, mean {m.get('clipfrac_mean', nan):.3f})  ")
+    if "nft_old_deviation" in m:
+        line += f"old deviation {m['nft_old_deviation']:.2e}  "
+    if "kl_ref" in m:
+        line += f"kl_ref {m['kl_ref']:.2e}  "
+    return line + f"sample {m['time_sample']:.1f}s  train {m['time_train']:.1f}s"
+
+
+def finish(cfg: Config, state: TrainState, tracker: Tracker, run_dir: Path, *, start_epoch: int, end_epoch: int, total_epochs: int,
+           rounds: int | None, last_images: torch.Tensor | None) -> dict:
+    """After the last epoch: the last samples' grid; stage form: the state for the next round; a run that
+    completed: the policy, summary.json and the reward curve. Returns the summary."""
+    acc = state.accelerator
     summary = {"completed_epochs": end_epoch, "output_dir": str(run_dir)}
-    if acc.is_main_process and end_epoch > start_epoch and local.images.numel():
+    if acc.is_main_process and last_images is not None and last_images.numel():
         from ..plots import save_grid
 
-        save_grid(local.images[:32], run_dir / "samples_last_epoch.png", nrow=8)
+        save_grid(last_images[:32], run_dir / "samples_last_epoch.png", nrow=8)
     if rounds is not None:
         acc.save_state(str(run_dir / "state"))
         if acc.is_main_process:
