@@ -63,7 +63,7 @@ def test_non_finite_step_is_skipped_and_counted(batch, inject):
         adv[1, 0, 0] = float("nan")  # one sample's map (every micro-batch of it poisons its step)
     else:
         adv = adv * 1e38  # finite advantage, non-finite gradient
-        cfg = load_config(None, [f"model.path={cfg.model.path}", f"output_dir={cfg.output_dir}", *FAST, "train.adv_clip_max=3e38", "train.max_skipped_steps=10"])
+        cfg = load_config(None, [f"model.path={cfg.model.path}", f"output_dir={cfg.output_dir}", *FAST, "train.adv_clip_max=3e38", "train.max_skipped_steps=10", "train.ratio_stop=1e30"])
     before = _params(state)
     logs = train_on_trajectories(state, traj, adv, cfg, epoch=0)
     after = _params(state)
