@@ -12,6 +12,12 @@
 * :func:`make_reward`: ``reward`` of the config as one labeller (one labeller,
   or the weighted combination of ``reward.components``, :mod:`pxpo.core.rewards.combine`).
 * :func:`make_gold`: the gold labellers of ``evaluate.gold``, by key.
+* :func:`print_labellers`: ``pxpo labellers``, every labeller and where it
+  came from (built-in, an installed plugin's entry point, a ``module:function``
+  the config names). Any labeller name may be a plugin
+  (:mod:`pxpo.core.rewards.plugins`).
+* ``clip_score`` and ``aesthetic``: transformers reward models, registered
+  on import by :mod:`pxpo.reward_models`.
 
 Importing this module registers ``digit_fidelity`` and ``http`` (a reward
 model served over HTTP, :mod:`pxpo.rewards_http`); :mod:`pxpo.config`
@@ -27,6 +33,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from . import reward_models  # noqa: F401  (registers clip_score and aesthetic: transformers reward models)
 from .core.rewards import Component, LabelFn, combined_labeller, constant_maps, make_labeller, register
 from . import rewards_http  # noqa: F401  (registers the http labeller: reward models served over HTTP)
 from .errors import PxpoInputError
@@ -111,3 +118,39 @@ def _labeller(spec, where: str) -> LabelFn:
         return make_labeller(spec.name, **spec.kwargs)
     except PxpoInputError as e:
         raise PxpoInputError(f"{where} ({spec.key}): {e.what}", e.problem, e.fix) from e
+
+
+def print_labellers(cfg=None) -> None:
+    """Print every labeller with where it came from and its first doc line (``pxpo labellers``).
+
+    Built-ins, the installed plugins (entry-point group ``pxpo.labellers``;
+    each is imported, so a broken one shows here) and, given a config, the
+    ``module:function`` references it names (reward, components, gold, an
+    adapter's ``base``). Raises the first plugin's :class:`PxpoInputError`
+    after printing the rest (exit 2).
+    """
+    from .core.rewards import REGISTRY, lookup, origin, plugins
+
+    names = {n: origin(n) for n in sorted(REGISTRY)}
+    for ep in plugins.entry_points():
+        if ep.name in REGISTRY:
+            names[f"{ep.name} (not used)"] = f"{plugins.entry_point_origin(ep)}, shadowed by the built-in"
+        else:
+            names.setdefault(ep.name, plugins.entry_point_origin(ep))
+    specs = [*cfg.reward.labellers(), *cfg.evaluate.gold] if cfg is not None else []
+    for ref in [s.name for s in specs] + [s.kwargs.get("base") for s in specs]:
+        if isinstance(ref, str) and plugins.is_reference(ref):
+            names.setdefault(ref, "module:function")
+    errors, width = [], max(map(len, names))
+    for name, where in names.items():
+        line = ""
+        if not name.endswith(" (not used)"):
+            try:
+                doc = (lookup(name)[0].__doc__ or "").strip().splitlines()
+                line = doc[0] if doc else ""
+            except PxpoInputError as e:
+                errors.append(e)
+                line = f"FAILS: {e.problem}"
+        print(f"{name:{width}s}  {line}  [{where}]")
+    if errors:
+        raise errors[0]

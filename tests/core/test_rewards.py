@@ -40,6 +40,7 @@ def test_available_lists_all_shipped_labellers():
 # own shape / dtype / info tests: tests/core/test_rewards_human.py, tests/test_dense_reward.py and
 # tests/test_rewards_http.py.
 NEEDS_FILES = {"painted_maps", "dense_model", "http"}
+NEEDS_FILES |= {"clip_score", "aesthetic"}  # CLIP models from files: tests/test_reward_models.py
 
 
 # Every registered labeller, the library's (digit_fidelity) included: the list must not depend on which

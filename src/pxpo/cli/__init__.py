@@ -9,7 +9,7 @@
     pxpo train  --trajectories DIR --out DIR [--state DIR] [--rounds R]   train (first epoch on DIR)
     pxpo evaluate --policy DIR --out DIR       held-out prompts, policy vs base
     pxpo register --policy DIR --eval DIR      MLflow model version, gated champion alias
-    pxpo labellers                             list reward labellers
+    pxpo labellers [k=v ...]                   list reward labellers and where each comes from
 
 Overrides are ``section.field=value`` (YAML values), applied over params.yaml.
 Bad input exits with status 2 and one message naming the input and the fix.
@@ -229,11 +229,9 @@ def cmd_pipeline(args) -> int:
 
 
 def cmd_labellers(args) -> int:
-    from ..config.rewards import known_labellers  # the core's labellers and the library's (digit_fidelity)
+    from ..labellers import print_labellers  # built-in, installed plugins, the config's module:function references
 
-    for name, fn in sorted(known_labellers().items()):
-        doc = (fn.__doc__ or "").strip().splitlines()
-        print(f"{name:24s} {doc[0] if doc else ''}")
+    print_labellers(_config(args))
     return 0
 
 
@@ -367,7 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
     for sp in (pcomp, prun, psubm):
         sp.set_defaults(fn=cmd_pipeline)
 
-    ls = sub.add_parser("labellers", help="list reward labellers")
+    ls = sub.add_parser("labellers", help="list reward labellers and where each comes from (built-in, plugin, module:function)")
+    with_config(ls)
     ls.set_defaults(fn=cmd_labellers)
     return p
 

@@ -61,7 +61,8 @@ class LabellerSpec(_Spec):
 
     @property
     def key(self) -> str:
-        return self.label or self.name
+        """``label``, else the name (a ``module:function`` reference: the function's name, dots as ``_``)."""
+        return self.label or self.name.rpartition(":")[2].replace(".", "_")
 
     @model_validator(mode="after")
     def _check(self) -> LabellerSpec:
