@@ -161,9 +161,9 @@ def test_every_algorithm_the_config_accepts_has_one_objective():
     import typing
 
     from pxpo.config import TrainConfig
-    from pxpo.training.objectives import OBJECTIVES
+    from pxpo.config.algorithms import ALGORITHMS
 
-    assert set(typing.get_args(TrainConfig.model_fields["algorithm"].annotation)) == set(OBJECTIVES)
+    assert set(typing.get_args(TrainConfig.model_fields["algorithm"].annotation)) == set(ALGORITHMS)
 
 
 def test_sd3_prompts_get_sample_max_sequence_length_t5_tokens(tmp_path, tiny_sd3_dir):

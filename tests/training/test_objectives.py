@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pxpo.config import load_config
-from pxpo.training.objectives import NFT, OBJECTIVES, PolicyGradient, make_objective
+from pxpo.training.objectives import NFT, PolicyGradient, make_objective, objective_class
 
 
 def _train(**kw):
@@ -17,7 +17,7 @@ def _train(**kw):
                                                         ("nft", NFT, False), ("nft_scalar", NFT, True)])
 def test_the_registry_builds_each_algorithm(algorithm, cls, per_sample):
     obj = make_objective(_train(algorithm=algorithm))
-    assert type(obj) is cls and obj.per_sample is per_sample and OBJECTIVES[algorithm] == (cls, per_sample)
+    assert type(obj) is cls and obj.per_sample is per_sample and objective_class(algorithm) == (cls, per_sample)
     assert obj.has_ratio is (cls is PolicyGradient) and obj.forward_process is (cls is NFT)
 
 

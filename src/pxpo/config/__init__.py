@@ -137,7 +137,8 @@ class TrainConfig(_Section):
     max_log_ratio: Float = Field(20.0, gt=0, description="Per-element log-ratios are clamped to +- this before exp() (no inf / NaN far off-policy).")
     max_skipped_steps: Int = Field(5, ge=0, description="Optimizer steps skipped for a non-finite loss or gradient before the run stops and rolls back.")
     grad_spike_factor: Float = Field(100.0, ge=0, description="Stop and roll back when a gradient norm exceeds this times its running median (0: off).")
-    probe_every: Int = Field(5, ge=0, description="Log drift from the base model on a fixed probe batch every N epochs (0: off).")
+    probe_every: Int = Field(5, ge=0, description="Every N epochs (0: off): log the drift from the base model on a fixed probe batch, and images at that "
+                                 "epoch's step: the probe batch's base-vs-policy grid (probe_samples) and the mean reward map (reward_map_mean).")
     probe_samples: Int = Field(8, ge=1, description="Samples in the drift probe batch (fixed prompts and seeds).")
     kl_coef: Float = Field(0.0, ge=0, description="Weight of the per-element KL to the reference policy in the loss (0: off, today's loss exactly).")
     ratio_warn: Float | None = Field(None, gt=0, description="Warn once when the first update's worst |ratio - 1| exceeds this (None: by precision).")
@@ -194,9 +195,9 @@ class PipelineConfig(_Section):
 
 def _check_flow_and_groups(s: SampleConfig, t: TrainConfig, total: int) -> None:
     """Cross-section checks of the flow sampler, NFT and GRPO groups (issue 15)."""
-    from ..training.objectives import objective_class  # the registry of train.algorithm
+    from .algorithms import algorithm  # the registry of train.algorithm
 
-    nft = objective_class(t.algorithm)[0].forward_process  # trains on the forward process: no sampler log-probs
+    nft = algorithm(t.algorithm).forward_process  # trains on the forward process: no sampler log-probs
     if nft and s.sampler != "flow_sde":
         raise _fail("train.algorithm", f"{t.algorithm} trains a flow model's velocity on the forward process, not a {s.sampler} sampler", "set sample.sampler=flow_sde (an SD3-class model)")
     if s.sampler == "flow_sde" and not nft and not s.noise_level > 0:

@@ -22,8 +22,9 @@ never asks which it is. An objective says
 
 Implementations: :class:`PolicyGradient` (``pxpo``, ``ddpo``; PPO-clipped or
 score-function by ``train.loss``) and :class:`NFT` (``nft``, ``nft_scalar``).
-:data:`OBJECTIVES` is the one registry of ``train.algorithm``; :func:`make_objective`
-builds one.
+The one registry of ``train.algorithm`` is :data:`pxpo.config.algorithms.ALGORITHMS`
+(what each algorithm is); :data:`OBJECTIVE_KINDS` maps its rows to these classes and
+:func:`make_objective` builds one.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import torch
 
 from ..core.losses import DIAGNOSTICS as PG_DIAGNOSTICS, ddpo_loss, pxpo_loss
 from ..core.nft import forward_noise, nft_loss, optimality, velocity_kl
+from ..config.algorithms import algorithm
 from ..core.policy import batch_randn
 
 NFT_KL_NOISE_LEVEL = 0.7  # the SDE the NFT KL is calibrated on when the rollouts are ODE (sample.noise_level 0): Flow-GRPO's a
@@ -270,22 +272,14 @@ class NFT:
         return ChunkLoss(res.loss, [res.positive, res.negative, res.old_deviation], kl, None)
 
 
-# train.algorithm -> (objective class, per_sample). The one place an algorithm name is read.
-OBJECTIVES: dict[str, tuple[type, bool]] = {
-    "pxpo": (PolicyGradient, False),
-    "ddpo": (PolicyGradient, True),
-    "nft": (NFT, False),
-    "nft_scalar": (NFT, True),
-}
+# The objective kinds of pxpo.config.algorithms' rows (the registry of train.algorithm).
+OBJECTIVE_KINDS: dict[str, type] = {"policy_gradient": PolicyGradient, "nft": NFT}
 
 
-def objective_class(algorithm: str) -> tuple[type, bool]:
-    """(class, per_sample) registered for ``train.algorithm: <algorithm>``."""
-    if algorithm not in OBJECTIVES:
-        from ..errors import PxpoInputError
-
-        raise PxpoInputError("train.algorithm", f"unknown algorithm {algorithm!r}", f"use one of {', '.join(OBJECTIVES)}")
-    return OBJECTIVES[algorithm]
+def objective_class(name: str) -> tuple[type, bool]:
+    """(class, per_sample) of ``train.algorithm: <name>``."""
+    row = algorithm(name)
+    return OBJECTIVE_KINDS[row.objective], row.per_sample
 
 
 def make_objective(train_cfg, sample_cfg=None) -> Objective:
