@@ -51,22 +51,10 @@ def drift_metrics(base_images, images, base_latents, latents) -> dict:
 
 
 def heatmap_png(m: torch.Tensor, path: Path, title: str) -> None:
-    import matplotlib
+    """Write a map (H, W) as a heatmap PNG (:func:`pxpo.plots.heatmap_image`)."""
+    from .plots import heatmap_image, save_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .storage import atomic_file
-
-    fig, ax = plt.subplots(figsize=(3.6, 3), dpi=100)
-    im = ax.imshow(m.numpy(), cmap="RdYlGn")
-    fig.colorbar(im, ax=ax)
-    ax.set_title(title, fontsize=9)
-    ax.axis("off")
-    fig.tight_layout()
-    with atomic_file(path, "wb") as f:
-        fig.savefig(f, format="png")
-    plt.close(fig)
+    save_png(heatmap_image(m, title), path)
 
 
 def evaluate(cfg: Config, policy_dir: str | None, out_dir: Path, *, samples_per_prompt: int = 8, seed: int = 12345, progress=False) -> dict:

@@ -36,16 +36,14 @@ def reward_curve(histories: dict[str, list[dict]], path: Path, x: str = "samples
     plt.close(fig)
 
 
-def save_grid(images, path: Path, nrow: int, scale: int = 4, row_labels: list[str] | None = None) -> None:
-    """Write images (B, 3, H, W) in [0, 1] as one PNG grid (``nrow`` per row), upscaled ``scale`` x.
+def grid_image(images, nrow: int, scale: int = 4, row_labels: list[str] | None = None):
+    """Images (B, 3, H, W) in [0, 1] as one PIL image grid (``nrow`` per row), upscaled ``scale`` x.
 
     ``row_labels``: one text per grid row (``""`` for none), written in a left margin.
     """
     import numpy as np
     import torch
     from PIL import Image, ImageDraw, ImageFont
-
-    from .storage import atomic_file
 
     b, c, h, w = images.shape
     ncol = math.ceil(b / nrow)
@@ -66,12 +64,24 @@ def save_grid(images, path: Path, nrow: int, scale: int = 4, row_labels: list[st
             if text:
                 draw.text((4, r * (h + 1) * scale + 4), text, fill=(0, 0, 0), font=font)
         img = labelled
+    return img
+
+
+def save_png(img, path: Path) -> None:
+    """Write a PIL image as PNG, atomically."""
+    from .storage import atomic_file
+
     with atomic_file(Path(path), "wb") as f:
         img.save(f, format="PNG")
 
 
-def save_labelled_grid(blocks: dict, path: Path, nrow: int, scale: int = 4) -> None:
-    """Write blocks of images ``{label: (B_k, 3, H, W)}`` as one grid, each block starting a row, labelled on its first row.
+def save_grid(images, path: Path, nrow: int, scale: int = 4, row_labels: list[str] | None = None) -> None:
+    """Write images (B, 3, H, W) in [0, 1] as one PNG grid (:func:`grid_image`)."""
+    save_png(grid_image(images, nrow, scale, row_labels), path)
+
+
+def labelled_grid_image(blocks: dict, nrow: int, scale: int = 4):
+    """Blocks of images ``{label: (B_k, 3, H, W)}`` as one PIL grid, each block starting a row, labelled on its first row.
 
     Blocks are padded with mid-grey to whole rows, so the i-th images of equal-sized blocks line up
     (e.g. ``{"base": ..., "policy": ...}`` with the same prompts and seeds).
@@ -84,4 +94,33 @@ def save_labelled_grid(blocks: dict, path: Path, nrow: int, scale: int = 4) -> N
         pad = torch.full((rows * nrow - images.shape[0], *images.shape[1:]), 0.5)
         parts += [images.float().cpu(), pad]
         labels += [label] + [""] * (rows - 1)
-    save_grid(torch.cat(parts), path, nrow, scale, row_labels=labels)
+    return grid_image(torch.cat(parts), nrow, scale, row_labels=labels)
+
+
+def save_labelled_grid(blocks: dict, path: Path, nrow: int, scale: int = 4) -> None:
+    """Write :func:`labelled_grid_image` of ``blocks`` as PNG."""
+    save_png(labelled_grid_image(blocks, nrow, scale), path)
+
+
+def heatmap_image(m, title: str):
+    """A map (H, W) as a red-yellow-green heatmap with a colour bar and ``title`` (PIL image, matplotlib, headless)."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    fig, ax = plt.subplots(figsize=(3.6, 3), dpi=100)
+    im = ax.imshow(m.detach().float().cpu().numpy() if hasattr(m, "detach") else m, cmap="RdYlGn")
+    fig.colorbar(im, ax=ax)
+    ax.set_title(title, fontsize=9)
+    ax.axis("off")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    buf.seek(0)
+    with Image.open(buf) as img:
+        return img.convert("RGB")
