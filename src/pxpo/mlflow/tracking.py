@@ -318,6 +318,16 @@ class MlflowTracker:
         else:
             self.client.log_artifact(self._run(), str(p), artifact_path=artifact_path)
 
+    def truncate(self, before_epoch: int) -> None:
+        """MLflow keeps every value it was given: a resumed run logs epochs >= ``before_epoch`` again, next to
+        the earlier values at those steps. Tag ``pxpo.resumed_at_epoch`` records where (0: nothing)."""
+        if before_epoch > 0:
+            self.set_tags({"pxpo.resumed_at_epoch": before_epoch})
+
+    def history(self) -> list[dict]:
+        """Empty: the run directory's ``metrics.jsonl`` is the history (:class:`pxpo.tracking.FanOut` reads it there)."""
+        return []
+
     # ----- extras --------------------------------------------------------------
 
     def set_tags(self, tags: dict) -> None:
