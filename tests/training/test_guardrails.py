@@ -122,6 +122,10 @@ def test_drift_probe_is_logged(tmp_path, tiny_model_dir):
     assert all("probe_drift_pixel_l1" in h and "probe_drift_latent_rms" in h for h in hist)
     assert hist[-1]["probe_drift_latent_rms"] > 0  # the policy moved away from the base
     assert (out / "probe_base.safetensors").is_file()
+    # and, at each probed epoch, the base-vs-policy grid of the probe batch and the epoch's mean reward map
+    from pxpo.tracking import image_steps
+
+    assert {k: [s for s, _ in v] for k, v in image_steps(out).items()} == {"probe_samples": [0, 1], "reward_map_mean": [0, 1]}
 
 
 def test_lcm_loss_leaves_out_the_last_renoising(tmp_path, tiny_lcm_model_dir, monkeypatch):

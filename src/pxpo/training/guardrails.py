@@ -13,7 +13,8 @@
   resumes from there: nothing saved is lost, nothing diverged is kept.
 * :class:`DriftProbe` samples a fixed probe batch (the same prompts and seeds
   every time) every ``train.probe_every`` epochs and logs the drift from the
-  base model, as ``pxpo evaluate`` measures it (:func:`pxpo.evaluate.drift_metrics`).
+  base model, as ``pxpo evaluate`` measures it (:func:`pxpo.evaluate.drift_metrics`),
+  and the base-vs-policy grid of those samples (:meth:`DriftProbe.grid`).
 * :class:`RatioHealth` checks the importance ratio where it must be 1: on the
   first update of each epoch the weights are the ones that sampled, so
   ``exp(logp - logp_old)`` differs from 1 only by rounding. It logs the worst
@@ -185,12 +186,23 @@ class DriftProbe:
     def due(self, epoch: int) -> bool:
         return (epoch + 1) % self.every == 0
 
-    def measure(self, pipe, state, cfg) -> dict:
-        """{"probe_drift_pixel_l1", "probe_drift_latent_rms"} of the current policy."""
+    def sample(self, pipe, state, cfg) -> tuple[torch.Tensor, torch.Tensor]:
+        """(images (K, 3, H, W), final latents (K, C, h, w)) of the current policy on the probe batch."""
+        return _probe_samples(pipe, state.accelerator.unwrap_model(state.unet), cfg, self.prompts, self.seeds)
+
+    def drift(self, images: torch.Tensor, latents: torch.Tensor) -> dict:
+        """{"probe_drift_pixel_l1", "probe_drift_latent_rms"} of policy samples (:meth:`sample`) from the base's."""
         from ..evaluate import drift_metrics
 
-        images, latents = _probe_samples(pipe, state.accelerator.unwrap_model(state.unet), cfg, self.prompts, self.seeds)
         return {f"probe_{k}": v for k, v in drift_metrics(self.base[0], images, self.base[1], latents).items()}
+
+    def grid(self, images: torch.Tensor, epoch: int):
+        """Base (the cached samples, row ``base``) above the policy's ``images`` (row ``policy, epoch N``), same
+        prompts and seeds, as one PIL image (:func:`pxpo.plots.labelled_grid_image`; images under 64 pixels upscaled)."""
+        from ..plots import labelled_grid_image
+
+        blocks = {"base": self.base[0], f"policy, epoch {epoch}": images}
+        return labelled_grid_image(blocks, nrow=min(8, len(self.prompts)), scale=max(1, 64 // images.shape[-2]))
 
 
 def _probe_samples(pipe, unet, cfg, prompts, seeds) -> tuple[torch.Tensor, torch.Tensor]:

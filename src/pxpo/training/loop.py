@@ -17,6 +17,10 @@ One epoch, top to bottom (:func:`run`):
    timestep) pairs are computed ``train.compute_batch`` per UNet call and
    summed, the grad norm clipped, one host read per step
    (:func:`train_on_trajectories`, :mod:`pxpo.training.step`).
+5. LOGGING: the epoch's metrics to the tracker; every ``train.probe_every``
+   epochs the drift probe's metrics and two images at the epoch's step: the
+   probe batch's base-vs-policy grid and the mean reward map
+   (:func:`log_epoch_images`).
 
 The loop holds one policy object and never asks which sampler it is.
 
@@ -172,7 +176,9 @@ def run(
             (:func:`pxpo.training.state.build_train_state`).
         labeller: images (N, 3, H, W), prompts -> (maps (N, H, W), info).
         prompts: the prompts each epoch draws from.
-        tracker: receives params and per-epoch metrics (main process only).
+        tracker: receives params, per-epoch metrics and, every ``train.probe_every`` epochs,
+            the epoch's mean reward map and the probe batch's base-vs-policy grid as images
+            (:func:`log_epoch_images`; main process only).
 
     Writes into ``cfg.output_dir``: checkpoints/, lora/ (or model/),
     summary.json, reward_curve.png, samples_last_epoch.png. With ``resume`` it
@@ -272,10 +278,14 @@ def run(
             "time_label": t_label,
             "time_train": t_train,
         }
-        if probe is not None and probe.due(epoch):
-            metrics.update(probe.measure(pipe, state, cfg))
+        probe_images = None
+        if probe is not None and probe.due(epoch):  # every train.probe_every epochs: drift on the fixed probe batch
+            probe_images, probe_latents = probe.sample(pipe, state, cfg)
+            metrics.update(probe.drift(probe_images, probe_latents))
         if acc.is_main_process:
             tracker.log_metrics(metrics, step=epoch)
+            if images_due(cfg.train, epoch):
+                log_epoch_images(tracker, epoch, all_maps, probe, probe_images)
             if progress:
                 print(epoch_line(epoch, metrics), flush=True)
         if rounds is None and ((epoch + 1) % cfg.train.save_every == 0 or epoch + 1 == cfg.train.epochs):
@@ -316,6 +326,21 @@ def restore(acc, run_dir: Path, *, resume: bool, init_state: Path | None) -> int
     if acc.is_main_process and run_dir.exists():
         (run_dir / "summary.json").unlink(missing_ok=True)
     return 0
+
+
+def images_due(t, epoch: int) -> bool:
+    """Images are logged at the drift probe's cadence: after epochs e with (e + 1) % ``train.probe_every`` == 0."""
+    return t.probe_every > 0 and (epoch + 1) % t.probe_every == 0
+
+
+def log_epoch_images(tracker: Tracker, epoch: int, maps: torch.Tensor, probe: DriftProbe | None, probe_images: torch.Tensor | None) -> None:
+    """The epoch's images at step ``epoch``: ``reward_map_mean`` (the mean of the epoch's reward maps (N, H, W),
+    a heatmap) and, with the drift probe, ``probe_samples`` (base vs policy on the probe batch, :meth:`DriftProbe.grid`)."""
+    from ..plots import heatmap_image
+
+    tracker.log_image(heatmap_image(maps.float().mean(0).cpu(), f"mean reward map, epoch {epoch}"), "reward_map_mean", step=epoch)
+    if probe is not None and probe_images is not None:
+        tracker.log_image(probe.grid(probe_images, epoch), "probe_samples", step=epoch)
 
 
 def epoch_line(epoch: int, m: dict) -> str:
