@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 from ..config import Config
@@ -35,7 +36,8 @@ def train(cfg: Config, trajectories: Path, out: Path, *, state: Path | None = No
     reward maps, the rest sampled online; continue from ``state`` (a previous output) if given.
 
     Writes ``out`` whole or not at all: lora/ (or model/), state/,
-    pxpo_round.json, metrics.jsonl, summary.json. ``history`` also gets the
+    pxpo_round.json, metrics.jsonl, images/ (every ``train.probe_every`` epochs; with ``state``'s
+    earlier ones, as metrics.jsonl holds the earlier rounds' metrics), summary.json. ``history`` also gets the
     per-epoch metrics as CSV (DVC plots). Returns the summary plus
     ``history`` (the per-epoch metrics) and ``rounds``.
     """
@@ -44,7 +46,7 @@ def train(cfg: Config, trajectories: Path, out: Path, *, state: Path | None = No
     from ..tracking import JsonlTracker
     from ..training.loop import run
     from ..trajectories import load_reward_maps, load_trajectories
-    from .online import loop_collaborators
+    from .collaborators import loop_collaborators
 
     check_launch()
     d = Path(trajectories)
@@ -60,6 +62,8 @@ def train(cfg: Config, trajectories: Path, out: Path, *, state: Path | None = No
     # RNG file; metrics, policy: the main process only), renamed into place by the main process.
     with shared_atomic_dir(Path(out), acc) as tmp:
         cfg.output_dir = str(tmp)
+        if state and (Path(state) / "images").is_dir() and acc.is_main_process:  # the earlier rounds' images, as their metrics
+            shutil.copytree(Path(state) / "images", tmp / "images", dirs_exist_ok=True)
         summary = run(
             cfg,
             tracker=JsonlTracker(tmp),
