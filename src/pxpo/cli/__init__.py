@@ -1,7 +1,7 @@
 """``pxpo``: the one command-line seam every stage (local, DVC, KFP) calls.
 
     pxpo base build [--out models/base]        build + pretrain the embedded default
-    pxpo run    [--params params.yaml] [--processes N] [k=v ...]   online loop: sample -> label -> train, N epochs
+    pxpo run    [--params params.yaml] [--processes N] [--tracking-uri URI] [k=v ...]   online loop: sample -> label -> train, N epochs
     pxpo prepare --out DIR [--input FILE]      prompt dataset: dedupe, split, validate (GE)
     pxpo sample --out DIR [--policy DIR] [--epoch K] [k=v ...]   write a trajectory artifact
     pxpo label  --trajectories DIR [k=v ...]   write reward_maps.safetensors beside it
@@ -106,7 +106,8 @@ def cmd_run(args) -> int:
     cfg = _config(args)
     if args.processes is not None:  # this command again as N data-parallel processes (torchrun)
         return launch(cfg, args.processes, args)
-    summary = run_online(cfg, progress=not args.quiet, resume=not args.no_resume)
+    tracking_uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")  # MLflow while it trains (neither: none)
+    summary = run_online(cfg, progress=not args.quiet, resume=not args.no_resume, tracking_uri=tracking_uri)
     if "reward_first" in summary:
         print(
             f"reward {summary['reward_first']:.4f} -> {summary['reward_last']:.4f} "
@@ -281,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(r)
     r.add_argument("--no-resume", action="store_true", help="start fresh even if checkpoints exist")
     r.add_argument("--processes", type=int, default=None, help="data-parallel processes on this node (torchrun): the same result as one")
+    r.add_argument("--tracking-uri", default=None, help="also log live to MLflow here (watch with `mlflow ui`); default: $MLFLOW_TRACKING_URI, else none")
     r.set_defaults(fn=cmd_run)
 
     s = sub.add_parser("sample", help="sample trajectories with per-element log-probs")

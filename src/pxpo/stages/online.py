@@ -5,15 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..config import Config
-from ..tracking import JsonlTracker, Tracker
+from ..tracking import FanOut, JsonlTracker, Tracker
 from .collaborators import loop_collaborators
 
 
-def run_online(cfg: Config, tracker: Tracker | None = None, **loop_kwargs) -> dict:
+def run_online(cfg: Config, tracker: Tracker | None = None, *, tracking_uri: str | None = None, **loop_kwargs) -> dict:
     """``train.epochs`` epochs of sample -> label -> train into ``cfg.output_dir`` (resuming by default).
 
     ``tracker`` defaults to a :class:`~pxpo.tracking.JsonlTracker` writing
-    ``<output_dir>/metrics.jsonl``; ``loop_kwargs`` go to :func:`pxpo.training.loop.run`
+    ``<output_dir>/metrics.jsonl`` and ``<output_dir>/images/``. With ``tracking_uri``
+    the main process also logs live to an MLflow run there (:func:`pxpo.mlflow.live.live_run`,
+    through :class:`~pxpo.tracking.FanOut`). ``loop_kwargs`` go to :func:`pxpo.training.loop.run`
     (``progress``, ``resume``, ``stop_after_epochs``, ...). Returns the summary.
     """
     from ..training.distributed import check_launch
@@ -21,7 +23,13 @@ def run_online(cfg: Config, tracker: Tracker | None = None, **loop_kwargs) -> di
 
     check_launch()
     tracker = tracker if tracker is not None else JsonlTracker(Path(cfg.output_dir))
-    return run(cfg, tracker=tracker, **loop_collaborators(cfg), **loop_kwargs)
+    collaborators = loop_collaborators(cfg)
+    if tracking_uri and collaborators["state"].accelerator.is_main_process:
+        from ..mlflow.live import live_run
+
+        with live_run(cfg, tracking_uri, resume=loop_kwargs.get("resume", True)) as mlflow_tracker:
+            return run(cfg, tracker=FanOut(tracker, mlflow_tracker), **collaborators, **loop_kwargs)
+    return run(cfg, tracker=tracker, **collaborators, **loop_kwargs)
 
 
 def launch(cfg: Config, processes: int, args) -> int:
@@ -46,6 +54,7 @@ def launch(cfg: Config, processes: int, args) -> int:
     check_divisible(cfg.sample.batch_size, cfg.train.batch_size, processes)
     argv = ["run", *(["--params", args.params] if args.params else []), *(["--quiet"] if args.quiet else [])]
     argv += [*(["--no-resume"] if args.no_resume else []), *(["--sections", args.sections] if args.sections else [])]
+    argv += ["--tracking-uri", args.tracking_uri] if getattr(args, "tracking_uri", None) else []
     cmd = torchrun_argv(processes, [*argv, "--", *args.overrides])
     os.execve(cmd[0], cmd, worker_env())
     return 0  # not reached
