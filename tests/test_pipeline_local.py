@@ -17,7 +17,8 @@ def test_local_pipeline_registers_a_champion(tmp_path, tiny_model_dir, monkeypat
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     params = {
         "sample": {"batch_size": 4, "num_steps": 3},
-        "train": {"batch_size": 2, "use_lora": True, "learning_rate": 1e-2, "clip_range": 0.1, "kl_coef": 0.5},
+        "train": {"batch_size": 2, "use_lora": True, "learning_rate": 1e-2, "clip_range": 0.1, "kl_coef": 0.5,
+                  "probe_every": 1, "probe_samples": 2},  # the loop's images every epoch (issue 23: training you can watch)
         # two reward components and a gold reward: all of issue 16's signals must reach MLflow and the KFP metrics
         "reward": {"components": [{"name": "brightness_target", "kwargs": {"layout": "left_bright"}, "label": "left"},
                                   {"name": "contrast", "weight": 0.5}]},
@@ -66,6 +67,13 @@ def test_local_pipeline_registers_a_champion(tmp_path, tiny_model_dir, monkeypat
                 "gold_digit_fidelity", "base_gold_digit_fidelity", "reward_left", "base_reward_left", "reward_contrast"):
         assert key in logged, (key, sorted(logged))
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train.kl_ref")] == [0, 1]  # both rounds' epochs
+    # both rounds' images as image series at their epochs (round 1's output carries round 0's images)
+    steps = {}
+    for a in client.list_artifacts(run.info.run_id, "images"):
+        if "+step+" in a.path and a.path.endswith(".png"):
+            key, _, step = a.path[len("images/"):].split("+")[:3]
+            steps.setdefault(key, []).append(int(step))
+    assert {k: sorted(v) for k, v in steps.items()} == {"train.probe_samples": [0, 1], "train.reward_map_mean": [0, 1]}, steps
     (kfp_eval,) = root.rglob("evaluate/metrics")  # the evaluate task's KFP Metrics artifact
     assert {"gold_digit_fidelity", "base_gold_digit_fidelity", "reward_left", "reward_contrast"} <= set(json.loads(kfp_eval.read_text()))
     tags = run.data.tags

@@ -31,8 +31,10 @@ same decision.
 The run records: the config (params), MLflow's git source tags and the DVC /
 KFP provenance tags (:func:`pxpo.mlflow.tracking.standard_tags`), the prompt
 dataset as dataset inputs (:mod:`pxpo.mlflow.datasets`), per-epoch training
-metrics, the evaluation metrics (also on the logged model), and the
-evaluation images.
+metrics (``train.<metric>``), the training loop's images as image series at
+their epochs (``train.probe_samples``, ``train.reward_map_mean``: the policy's
+``images/<name>/step_XXXX.png``), the evaluation metrics (also on the logged
+model), and the evaluation images.
 """
 
 from __future__ import annotations
@@ -173,6 +175,7 @@ def format_summary(summary: dict) -> str:
 
 def _gate_and_register(cfg, *, policy_dir, eval_dir, tracking_uri, validation_reports, out, prompts) -> dict:
     from ..storage import write_json
+    from ..tracking import image_steps
     from .datasets import log_prompt_datasets
     from .model_registry import log_policy_model, register_policy
     from .tracking import MlflowTracker, standard_tags
@@ -219,6 +222,9 @@ def _gate_and_register(cfg, *, policy_dir, eval_dir, tracking_uri, validation_re
         if history:
             for rec in history:
                 tracker.log_metrics({f"train.{k}": v for k, v in rec.items() if k != "epoch" and isinstance(v, (int, float))}, step=int(rec["epoch"]))
+        for name, steps in image_steps(Path(policy_dir)).items():  # the loop's images (probe grid, mean reward map)
+            for step, png in steps:
+                tracker.log_image(png, f"train.{name}", step=step)
         for img in ("samples_grid.png", "reward_overlay.png", "reward_map_mean.png"):
             if (Path(eval_dir) / img).is_file():
                 tracker.log_image(Path(eval_dir) / img, img)
