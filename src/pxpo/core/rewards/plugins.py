@@ -37,7 +37,8 @@ GROUP = "pxpo.labellers"
 """The entry-point group installed packages register labeller factories in."""
 
 _REFERENCE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
-_FIX_IMPORT = "install the package that provides it in this environment (the one running pxpo), or fix the error"
+_FIX_IMPORT = ("install the package that provides it in the environment running pxpo, or put its folder on PYTHONPATH "
+               "(PYTHONPATH=. pxpo ...: the pxpo command does not search the current folder), or fix the error")
 
 
 def is_reference(name: str) -> bool:
