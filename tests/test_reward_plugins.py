@@ -270,6 +270,17 @@ print("OK", maps.shape, info["scalar"])
 """
 
 
+def _bundled_pip() -> str:
+    """pip run from the wheel ensurepip ships (``python <wheel>/pip``): ensurepip would also install an old
+    setuptools into the venv, shadowing this environment's (the build backend)."""
+    import ensurepip
+
+    wheels = sorted((Path(ensurepip.__file__).parent / "_bundled").glob("pip-*.whl"))
+    if not wheels:
+        pytest.skip("neither uv nor ensurepip's bundled pip is available to install the plugin offline")
+    return str(wheels[-1] / "pip")
+
+
 def _venv_with_pxpo(root: Path) -> Path:
     """A fresh virtual environment whose interpreter also sees this one's packages (pxpo, torch, setuptools).
 
@@ -286,18 +297,17 @@ def _venv_with_pxpo(root: Path) -> Path:
 
 def test_a_pip_installed_plugin_supplies_a_labeller_by_name(tmp_path):
     """The issue's done-when: a plugin package installed into a temporary environment supplies a labeller by
-    reward.name without touching pxpo."""
-    uv = shutil.which("uv")
-    if uv is None:
-        pytest.skip("uv is not installed (it builds and installs the plugin offline)")
+    reward.name without touching pxpo. Installed offline with uv (without uv: pip from ensurepip's wheel)."""
     src = tmp_path / "plugin"
     for rel, text in PIP_PLUGIN.items():
         (src / rel).parent.mkdir(parents=True, exist_ok=True)
         (src / rel).write_text(textwrap.dedent(text))
+    uv = shutil.which("uv")
     py = _venv_with_pxpo(tmp_path / "venv")
-    env = {**os.environ, "UV_NO_CACHE": "1", "HF_HUB_OFFLINE": "1"}
-    subprocess.run([uv, "pip", "install", "--python", str(py), "--no-index", "--no-build-isolation", "--no-deps", str(src)],
-                   check=True, capture_output=True, env=env, cwd=tmp_path)
+    env = {**os.environ, "UV_NO_CACHE": "1", "PIP_NO_CACHE_DIR": "1", "HF_HUB_OFFLINE": "1"}
+    install = [uv, "pip", "install", "--python", str(py)] if uv else [str(py), _bundled_pip(), "install", "-q"]
+    done = subprocess.run([*install, "--no-index", "--no-build-isolation", "--no-deps", str(src)], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
     with pytest.raises(ImportError):  # not in pxpo's own environment
         __import__("pxpo_pip_plugin")
 
