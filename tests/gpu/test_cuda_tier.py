@@ -51,7 +51,7 @@ def rescore_log_ratios(unet, dtype, device: str, n: int = 4, num_steps: int = 50
 
     from pxpo.config import SampleConfig
     from pxpo.core.policies import make_policy
-from pxpo.core.policy import Cond
+    from pxpo.core.policy import Cond
     from pxpo.embedded import random_sd
 
     sched = DDIMScheduler.from_config(random_sd.SD15_SCHEDULER)
