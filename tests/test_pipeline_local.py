@@ -15,13 +15,24 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_local_pipeline_registers_a_champion(tmp_path, tiny_model_dir, monkeypatch, capsys):
     monkeypatch.chdir(ROOT)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    # issue 22: a team's own reward function by `module:function`, outside pxpo, through every kfp.local task
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "team_rewards.py").write_text(
+        "def contrast(**kwargs):\n"
+        "    def fn(images, prompts):\n"
+        "        lum = images.float().mean(1)\n"
+        "        return ((lum - 0.5).abs() * 2).clamp(0, 1), {}\n"
+        "    return fn\n"
+    )
+    monkeypatch.setenv("PYTHONPATH", f"{plugins}:{__import__('os').environ.get('PYTHONPATH', '')}".rstrip(":"))
     params = {
         "sample": {"batch_size": 4, "num_steps": 3},
         "train": {"batch_size": 2, "use_lora": True, "learning_rate": 1e-2, "clip_range": 0.1, "kl_coef": 0.5,
                   "probe_every": 1, "probe_samples": 2},  # the loop's images every epoch (issue 23: training you can watch)
         # two reward components and a gold reward: all of issue 16's signals must reach MLflow and the KFP metrics
         "reward": {"components": [{"name": "brightness_target", "kwargs": {"layout": "left_bright"}, "label": "left"},
-                                  {"name": "contrast", "weight": 0.5}]},
+                                  {"name": "team_rewards:contrast", "weight": 0.5, "label": "contrast"}]},
         "evaluate": {"samples_per_prompt": 2, "gold": [{"name": "digit_fidelity", "kwargs": {"score": "correct"}}]},
         "register": {"model_name": "pxpo-test", "min_gain": -1.0},
     }

@@ -59,16 +59,16 @@ def test_any_compute_batch_gives_the_same_parameters(tmp_path, tiny_model_dir, r
 
 def test_a_wrong_loss_scale_would_show(tmp_path, tiny_model_dir, reference, monkeypatch):
     """The equality above can fail: doubling every chunk's weight moves the parameters."""
-    import pxpo.training.step
+    import pxpo.training.objectives
 
-    real = pxpo.training.step.policy_loss
+    real = pxpo.training.objectives.pxpo_loss  # the PXPO objective's loss (pxpo.training.objectives.PolicyGradient)
 
     def doubled(*a, **k):
         out = real(*a, **k)
         out.loss = out.loss * 2
         return out
 
-    monkeypatch.setattr(pxpo.training.step, "policy_loss", doubled)
+    monkeypatch.setattr(pxpo.training.objectives, "pxpo_loss", doubled)
     got = _run(tiny_model_dir, tmp_path, "train.compute_batch=12")
     assert _max_diff(reference, got) > 100 * TOL
 
