@@ -18,7 +18,9 @@ import pandas as pd
 import pytest
 import torch
 
-mlflow = pytest.importorskip("mlflow")
+import prereq  # noqa: E402
+
+mlflow = prereq.import_module("mlflow", "pinned in requirements-lock.txt (bash scripts/setup.sh)")
 
 from pxpo.cli import main as pxpo_main  # noqa: E402
 from pxpo.core.rewards import make_labeller  # noqa: E402

@@ -277,7 +277,9 @@ def _bundled_pip() -> str:
 
     wheels = sorted((Path(ensurepip.__file__).parent / "_bundled").glob("pip-*.whl"))
     if not wheels:
-        pytest.skip("neither uv nor ensurepip's bundled pip is available to install the plugin offline")
+        import prereq
+
+        prereq.missing("neither uv nor ensurepip's bundled pip is available to install the plugin offline")
     return str(wheels[-1] / "pip")
 
 
