@@ -302,6 +302,7 @@ def samples_to_reach(history: list[dict], level: float) -> int | None:
 
 
 def summarize(runs: dict, seeds: list[int]) -> dict:
+    """Figures of the runs ``{"<variant>_s<seed>": {"history": [...], "wall_s": ...}}``; every variant against ``ddpo``."""
     first = {k: r["history"][0]["reward_mean"] for k, r in runs.items()}
     final = {k: smoothed(r["history"])[-1][1] for k, r in runs.items()}
     gain = {k: final[k] - first[k] for k in runs}
@@ -314,16 +315,26 @@ def summarize(runs: dict, seeds: list[int]) -> dict:
     levels = {f"{f:g}": initial + f * unit for f in LEVEL_FRACTIONS}
     reach = {lv: {k: samples_to_reach(r["history"], v) for k, r in sorted(runs.items())} for lv, v in levels.items()}
     budget = max(r["history"][-1]["samples_seen"] for r in runs.values())
-    ratio = {}
-    for s in seeds:
-        if f"pxpo_s{s}" not in runs or f"ddpo_s{s}" not in runs:
-            continue
-        row = {}
-        for lv in levels:
-            px, dd = reach[lv][f"pxpo_s{s}"], reach[lv][f"ddpo_s{s}"]
-            # DDPO not there within the budget: PXPO was at least budget / px times as efficient (a lower bound, ">")
-            row[lv] = None if px is None else {"ratio": (dd if dd is not None else budget) / px, "lower_bound": dd is None}
-        ratio[f"s{s}"] = row
+    n_ep = min(len(r["history"]) for r in runs.values())
+    budgets = sorted({max(SMOOTH, round(n_ep * f)) for f in (0.25, 0.5, 0.75, 1.0)} & set(range(SMOOTH, n_ep + 1)))
+
+    def gain_at(k, e):  # mean reward of the 3 epochs ending at epoch e (1-based) minus the first epoch's
+        h = runs[k]["history"]
+        return sum(x["reward_mean"] for x in h[e - SMOOTH : e]) / SMOOTH - h[0]["reward_mean"]
+
+    efficiency, gain_ratio, at_samples = {}, {}, {}
+    for v in sorted({r["variant"] for r in runs.values()} - {"ddpo"}):
+        for s in seeds:
+            px, dd = f"{v}_s{s}", f"ddpo_s{s}"
+            if px not in runs or dd not in runs:
+                continue
+            # DDPO not there within the budget: the variant was at least budget / its samples times as efficient ("lower_bound")
+            efficiency.setdefault(v, {})[f"s{s}"] = {
+                lv: None if reach[lv][px] is None else {"ratio": (reach[lv][dd] or budget) / reach[lv][px], "lower_bound": reach[lv][dd] is None}
+                for lv in levels}
+            gain_ratio.setdefault(v, {})[f"s{s}"] = gain[px] / gain[dd] if gain[dd] > 0 else None
+            at_samples.setdefault(v, {})[f"s{s}"] = {
+                str(runs[px]["history"][e - 1]["samples_seen"]): (gain_at(px, e) / gain_at(dd, e) if gain_at(dd, e) > 0 else None) for e in budgets}
     return {
         "initial_reward": initial,
         "level_unit_mean_ddpo_gain": unit,
@@ -331,15 +342,40 @@ def summarize(runs: dict, seeds: list[int]) -> dict:
         "first_epoch_reward": first,
         "final_reward_last3": final,
         "gain_last3_minus_first": gain,
-        "gain_ratio_pxpo_over_ddpo": {f"s{s}": (gain[f"pxpo_s{s}"] / gain[f"ddpo_s{s}"] if gain.get(f"ddpo_s{s}", 0) > 0 else None)
-                                      for s in seeds if f"pxpo_s{s}" in gain},
         "left_ink_final_last3": final_ink,
         "left_ink_gain": gain_ink,
         "samples_to_reach": reach,
-        "sample_efficiency_ddpo_over_pxpo": ratio,
         "budget_samples": budget,
+        "sample_efficiency_vs_ddpo": efficiency,  # variant -> seed -> level: DDPO's samples / the variant's
+        "gain_ratio_vs_ddpo": gain_ratio,  # the variant's final gain / DDPO's, per seed
+        "gain_ratio_vs_ddpo_at_samples": at_samples,  # the same after 25/50/75/100 % of the samples (3-epoch means)
         "wall_s": {k: r["wall_s"] for k, r in runs.items()},
     }
+
+
+def plot(runs: dict, path: Path) -> None:
+    from pxpo.plots import reward_curve
+
+    reward_curve({k: r["history"] for k, r in runs.items()}, path, title="attribution maps vs the learned scalar")
+
+
+def report(s: dict) -> None:
+    """Print the figures of a summary."""
+    print(f"initial reward {s['initial_reward']:.4f}; levels: first epoch + f x DDPO's mean gain ({s['level_unit_mean_ddpo_gain']:+.4f}); "
+          f"{s['total_wall_s']:.0f}s in all")
+    for k in s["final_reward_last3"]:
+        print(f"{k:16s} final(last 3) {s['final_reward_last3'][k]:.4f}  gain {s['gain_last3_minus_first'][k]:+.4f}  "
+              f"left ink gain {s['left_ink_gain'][k]:+.4f}  wall {s['wall_s'][k]:.0f}s")
+    print("samples to first reach a level (3-epoch mean):")
+    for lv, row in s["samples_to_reach"].items():
+        print(f"  f={lv} ({s['levels'][lv]:.4f}): " + "  ".join(f"{k}={v}" for k, v in row.items()))
+    for v, by_seed in s["sample_efficiency_vs_ddpo"].items():
+        print(f"DDPO's samples / {v}'s samples to each level; final gain / DDPO's; gain / DDPO's at equal samples:")
+        for seed, row in by_seed.items():
+            print(f"  {seed}: " + "  ".join(f"f={lv}: " + ("-" if x is None else f"{'>=' if x['lower_bound'] else ''}{x['ratio']:.2f}")
+                                            for lv, x in row.items())
+                  + f";  gain {s['gain_ratio_vs_ddpo'][v][seed] or float('nan'):.2f};  at samples "
+                  + ", ".join(f"{n}: {'-' if g is None else f'{g:.2f}'}" for n, g in s["gain_ratio_vs_ddpo_at_samples"][v][seed].items()))
 
 
 def main(argv=None) -> int:
@@ -355,7 +391,8 @@ def main(argv=None) -> int:
     p.add_argument("--flow", action="store_true", help="the tiny SD3 default (pxpo base build --arch sd3) with flow_benchmark.py's sampler")
     p.add_argument("--work", default=str(ROOT / "bench" / "results" / "runs" / "attribution"))
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "attribution_benchmark.json"))
-    p.add_argument("--maps-only", action="store_true", help="only the map diagnostics, from --work's samples and CNN, into --out's JSON")
+    p.add_argument("--refresh", action="store_true",
+                   help="no training: recompute the figures from the runs in --out's JSON and the map diagnostics from --work's samples and CNN")
     p.add_argument("overrides", nargs="*")
     a = p.parse_args(argv)
     os.environ["OMP_NUM_THREADS"] = "1"
@@ -374,13 +411,16 @@ def main(argv=None) -> int:
     # the drift probe only logs: off, as in flow_benchmark.py
     common = [*(FLOW if a.flow else []), f"model.path={a.base}", "train.probe_every=0", *a.overrides]
 
-    if a.maps_only:
-        traj = load_trajectories(work / "labelled")
-        diag = map_diagnostics(str(work / "cnn.pt"), traj.images, list(traj.prompts), tuple(traj.latents.shape[-2:]))
+    if a.refresh:
         summary = json.loads(Path(a.out).read_text())
-        summary["map_diagnostics"] = diag
+        traj = load_trajectories(work / "labelled")
+        summary["map_diagnostics"] = map_diagnostics(str(work / "cnn.pt"), traj.images, list(traj.prompts), tuple(traj.latents.shape[-2:]))
+        summary.update(summarize(summary["runs"], summary["seeds"]))
+        runs = summary.pop("runs")
+        summary["runs"] = runs  # last in the file
         Path(a.out).write_text(json.dumps(summary, indent=2) + "\n")
-        print(json.dumps(diag, indent=2))
+        plot(runs, Path(a.out).with_suffix(".png"))
+        report(summary)
         return 0
 
     # 1: the base model's samples, t, and the CNN
@@ -418,23 +458,9 @@ def main(argv=None) -> int:
     }
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    from pxpo.plots import reward_curve
-
-    reward_curve({k: r["history"] for k, r in runs.items()}, out.with_suffix(".png"),
-                 title="PXPO on attribution maps vs DDPO on the learned scalar, equal samples")
+    plot(runs, out.with_suffix(".png"))
     out.write_text(json.dumps(summary, indent=2) + "\n")
-    s = summary
-    print(f"initial reward {s['initial_reward']:.4f}; levels: first epoch + f x DDPO's mean gain ({s['level_unit_mean_ddpo_gain']:+.4f}); "
-          f"{s['total_wall_s']:.0f}s in all")
-    for k in runs:
-        print(f"{k:10s} final(last 3) {s['final_reward_last3'][k]:.4f}  gain {s['gain_last3_minus_first'][k]:+.4f}  "
-              f"left ink gain {s['left_ink_gain'][k]:+.4f}  wall {runs[k]['wall_s']:.0f}s")
-    print("samples to first reach a level (3-epoch mean):")
-    for lv, row in s["samples_to_reach"].items():
-        print(f"  f={lv} ({s['levels'][lv]:.4f}): " + "  ".join(f"{k}={v}" for k, v in row.items()))
-    print("DDPO's samples / PXPO's samples:")
-    for seed, row in s["sample_efficiency_ddpo_over_pxpo"].items():
-        print(f"  {seed}: " + "  ".join(f"f={lv}: " + ("-" if v is None else f"{'>' if v['lower_bound'] else ''}{v['ratio']:.2f}") for lv, v in row.items()))
+    report(summary)
     print(f"-> {out}")
     return 0
 
