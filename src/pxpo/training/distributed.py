@@ -179,7 +179,7 @@ def worker_env(env: dict | None = None) -> dict:
 def shared_atomic_dir(target: Path, acc) -> Iterator[Path]:
     """:func:`pxpo.storage.atomic_dir` for all processes of a run: one temporary directory
     (deterministic name) that every rank writes into; the main process renames it into place."""
-    from ..storage import atomic_dir
+    from ..storage import atomic_dir, replace_dir
 
     if acc.num_processes == 1:
         with atomic_dir(target) as tmp:
@@ -195,11 +195,5 @@ def shared_atomic_dir(target: Path, acc) -> Iterator[Path]:
     yield tmp
     acc.wait_for_everyone()
     if acc.is_main_process:
-        old = None
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.replace(target, old)
-        os.replace(tmp, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, target)
     acc.wait_for_everyone()

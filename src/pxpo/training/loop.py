@@ -49,6 +49,7 @@ import torch
 from ..config import Config
 from ..errors import PxpoInputError
 from ..core.advantages import GroupRelative, PerPromptStatTracker, to_latent_grid
+from ..core.sampling import latent_hw as latent_grid
 from ..core.rewards import component_means
 from .guardrails import DriftProbe, RatioHealth, StepGuard, TrainingStopped, precision_of, rollback
 from .distributed import global_advantages, mean_over_processes, micro_batches, shard
@@ -212,7 +213,7 @@ def run(
     guard = StepGuard.from_config(cfg.train)
     probe = DriftProbe.build(cfg, pipe, state, prompts, run_dir, fresh=start_epoch == 0 and init_state is None, previous=init_state)
 
-    latent_hw = latent_grid(acc.unwrap_model(state.unet).config)
+    latent_hw = latent_grid(acc.unwrap_model(state.unet).config)  # (h, w) of the network's latents
     world, rank = acc.num_processes, acc.process_index
     n_global = cfg.sample.batch_size * cfg.sample.num_batches  # samples per epoch, over all processes
     mine = shard(n_global, rank, world)
@@ -300,12 +301,6 @@ def make_stat_tracker(t):
     if t.advantage_mode == "group":  # GRPO: within each epoch's groups of sample.group_size
         return GroupRelative(t.baseline, t.group_std)
     return PerPromptStatTracker(t.buffer_size, t.min_count, t.baseline, max_bytes=int(t.tracker_max_mb * 2**20))
-
-
-def latent_grid(net_config) -> tuple[int, int]:
-    """(h, w) of the latents a network's config declares."""
-    size = net_config.sample_size
-    return (size, size) if isinstance(size, int) else tuple(size)
 
 
 def restore(acc, run_dir: Path, *, resume: bool, init_state: Path | None) -> int:
