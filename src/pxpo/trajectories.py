@@ -17,6 +17,8 @@ Format ``pxpo-trajectories`` version 1 (documented in docs/trajectory-format.md)
       meta.json                  model, sampler, scheduler config, steps, eta,
                                  guidance scale, negative prompt, pxpo version
       reward_maps.safetensors    (written by `pxpo label`) maps (N, H, W) f32
+      preference_maps.safetensors  (pairs of samples; issue 24) maps (P, H, W) f32 in [-1, 1],
+                                 pairs (P, 2) i64 sample indices [A, B]
 
 Writers go through :func:`pxpo.storage.atomic_dir` / ``atomic_file``; readers
 validate shapes and finiteness and name the file and field on error.
@@ -278,3 +280,55 @@ def load_reward_maps(d: Path, n: int, hw: tuple[int, int]) -> tuple[torch.Tensor
         raise PxpoInputError(str(f), f"unreadable ({e})", "re-run `pxpo label`") from None
     check_reward_maps(maps, n, hw, str(f))
     return maps.float(), info
+
+
+PREFERENCES = "preference_maps.safetensors"
+
+
+def save_preference_maps(d: Path, maps: torch.Tensor, pairs: torch.Tensor, info: dict) -> None:
+    """Write ``preference_maps.safetensors`` beside the trajectories, atomically.
+
+    ``maps``: (P, H, W) float in [-1, 1] at image resolution, one per pair: +1 where
+    the pair's image A is better, -1 where B is, 0 no preference.
+    ``pairs``: (P, 2) int64 sample indices ``[A, B]`` into this trajectory directory.
+    """
+    from safetensors.torch import save
+
+    where = str(Path(d) / PREFERENCES)
+    check_preference_maps(maps, pairs, where)
+    tensors = {"maps": maps.float().contiguous().cpu(), "pairs": pairs.long().contiguous().cpu()}
+    with atomic_file(Path(d) / PREFERENCES, "wb") as f:
+        f.write(save(tensors, metadata={"info": json.dumps(info, default=str)}))
+
+
+def check_preference_maps(maps: torch.Tensor, pairs: torch.Tensor, where: str, hw: tuple[int, int] | None = None) -> None:
+    """Raise :class:`PxpoInputError` unless ``maps`` (P, H, W) are finite floats in [-1, 1] and ``pairs`` is (P, 2)."""
+    if not maps.is_floating_point() or maps.ndim != 3:
+        raise PxpoInputError(where, f"preference maps are {tuple(maps.shape)} {maps.dtype}, expected float (P, H, W)",
+                             "store one float32 (H, W) map per pair")
+    if pairs.ndim != 2 or pairs.shape != (maps.shape[0], 2):
+        raise PxpoInputError(where, f"pairs have shape {tuple(pairs.shape)}, expected ({maps.shape[0]}, 2): [A, B] per map",
+                             "store the sample indices of each pair's two images")
+    if hw is not None and tuple(maps.shape[1:]) != tuple(hw):
+        raise PxpoInputError(where, f"preference maps are {tuple(maps.shape[1:])}, the images {tuple(hw)}",
+                             "label the pairs of this trajectory directory")
+    if maps.numel() and (not torch.isfinite(maps).all() or maps.abs().max() > 1 + 1e-6):
+        raise PxpoInputError(where, "preference maps must be finite and in [-1, 1]", "clip or rescale them to [-1, 1]")
+
+
+def load_preference_maps(d: Path, hw: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Read and check ``preference_maps.safetensors``: maps (P, H, W) in [-1, 1], pairs (P, 2), info."""
+    from safetensors import SafetensorError, safe_open
+
+    f = Path(d) / PREFERENCES
+    if not f.is_file():
+        raise PxpoInputError(str(f), "missing", "label the pairs first (`pxpo label` with train.algorithm a preference one, "
+                             "or `pxpo label-studio pull` of a pairwise project)")
+    try:
+        with safe_open(str(f), "pt") as fh:
+            maps, pairs = fh.get_tensor("maps"), fh.get_tensor("pairs")
+            info = json.loads((fh.metadata() or {}).get("info", "{}"))
+    except (SafetensorError, OSError, json.JSONDecodeError) as e:
+        raise PxpoInputError(str(f), f"unreadable ({e})", "label the pairs again") from None
+    check_preference_maps(maps, pairs, str(f), hw)
+    return maps.float(), pairs.long(), info
