@@ -1,4 +1,4 @@
-"""Argument parsing of ``pxpo label-studio push|pull`` and ``pxpo dense-reward train`` (kept beside
+"""Argument parsing of ``pxpo label-studio push|pull`` (``--pairs``: the pairwise task) and ``pxpo dense-reward train`` (kept beside
 their stages so that pxpo.cli stays small; pxpo.cli calls :func:`add_feedback_parsers`)."""
 
 from __future__ import annotations
@@ -12,15 +12,26 @@ def add_feedback_parsers(sub, with_config: Callable, config: Callable) -> None:
     """Add the commands to ``sub`` (argparse subparsers); ``config(args)`` builds the Config as pxpo.cli does."""
 
     def push_cmd(args) -> int:
-        from ..stages.label_studio import push
+        from ..stages.label_studio import push, push_pairs
 
+        if args.pairs:
+            s = push_pairs(config(args), Path(args.trajectories))
+            print(f"pushed {s['pushed']} pairs ({s['already']} already there; pairs from {s['pair_source']}) to {s['project_url']}")
+            return 0
         s = push(config(args), Path(args.trajectories))
         print(f"pushed {s['pushed']} samples ({s['already']} already there) to {s['project_url']}")
         return 0
 
     def pull_cmd(args) -> int:
-        from ..stages.label_studio import pull
+        from ..stages.label_studio import pull, pull_pairs
 
+        if args.pairs:
+            s = pull_pairs(config(args), Path(args.trajectories), out=Path(args.out) if args.out else None, validate=args.validate, report=args.report)
+            if s["missing"]:
+                print(f"not annotated ({len(s['missing'])}): pairs {s['missing']}", file=sys.stderr)
+            print(f"pulled {s['annotations']} annotations of {s['annotated']} pairs: {s['num_pairs']} preference maps, "
+                  f"mean {s['preference_mean']:+.4f} -> {s['out']}")
+            return 0
         s = pull(config(args), Path(args.trajectories), out=Path(args.out) if args.out else None, validate=args.validate, report=args.report)
         if s["missing"]:
             print(f"not annotated ({len(s['missing'])}): samples {s['missing']}", file=sys.stderr)
@@ -39,6 +50,7 @@ def add_feedback_parsers(sub, with_config: Callable, config: Callable) -> None:
     lp = lsub.add_parser("push", help="create/update the project (label.*) and upload a trajectory directory's samples")
     with_config(lp)
     lp.add_argument("--trajectories", required=True)
+    lp.add_argument("--pairs", action="store_true", help="upload pairs (A | B side by side) to <label.project>-pairs instead")
     lp.set_defaults(fn=push_cmd)
     lq = lsub.add_parser("pull", help="finished annotations -> reward_maps.safetensors (as `pxpo label` writes)")
     with_config(lq)
@@ -46,6 +58,7 @@ def add_feedback_parsers(sub, with_config: Callable, config: Callable) -> None:
     lq.add_argument("--out", default=None, help="write a labelled copy here instead of labelling in place")
     lq.add_argument("--validate", action="store_true", help="run the Great Expectations reward-map suite before writing")
     lq.add_argument("--report", default=None, help="validation report path (default: <out>/reward_maps.validation.json)")
+    lq.add_argument("--pairs", action="store_true", help="pull <label.project>-pairs -> preference_maps.safetensors (one map in [-1, 1] per pair)")
     lq.set_defaults(fn=pull_cmd)
 
     dr = sub.add_parser("dense-reward", help="a learned dense reward model (reward.name: dense_model)")

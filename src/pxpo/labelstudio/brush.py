@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import io
-from typing import Any, Mapping
+from typing import Mapping
 from xml.sax.saxutils import quoteattr
 
 import numpy as np
@@ -66,8 +66,9 @@ def label_config(strengths: Mapping[str, float], neutral: float) -> str:
 """
 
 
-def brush_result(mask: np.ndarray, label: str) -> dict:
-    """One brush stroke as Label Studio's result JSON: an (H, W) bool mask painted with ``label``.
+def brush_result(mask: np.ndarray, label: str, from_name: str = FROM_NAME, to_name: str = TO_NAME) -> dict:
+    """One brush stroke as Label Studio's result JSON: an (H, W) bool mask painted with ``label``
+    (by the BrushLabels control ``from_name`` on the Image ``to_name``).
 
     The RLE has the layout the labelling page sends (checked in tests/test_label_studio.py with a
     real browser): 4 values per pixel, all the stroke's coverage (255 where painted).
@@ -77,8 +78,8 @@ def brush_result(mask: np.ndarray, label: str) -> dict:
     rgba = np.repeat(mask.astype(np.uint8).ravel() * 255, 4)
     return {
         "type": "brushlabels",
-        "from_name": FROM_NAME,
-        "to_name": TO_NAME,
+        "from_name": from_name,
+        "to_name": to_name,
         "original_width": int(w),
         "original_height": int(h),
         "image_rotation": 0,
@@ -104,13 +105,17 @@ def prediction_strokes(m: torch.Tensor, strengths: Mapping[str, float]) -> list[
     return [(mask, lab) for mask, lab in strokes if mask.any()]
 
 
-def annotation_map(annotation: dict, strengths: Mapping[str, float], neutral: float, h: int, w: int, *, where: str) -> torch.Tensor:
-    """One finished annotation -> its (H, W) reward map (strokes decoded with the SDK, in order)."""
+def annotation_strokes(annotation: dict, h: int, w: int, *, where: str, from_name: str = FROM_NAME, to_name: str | None = None) -> list[tuple[str, np.ndarray]]:
+    """The brush strokes of control ``from_name`` in one annotation, in the order they were made:
+    ``[(label, coverage (H, W) float32 in [0, 1]), ...]`` (decoded with the SDK). Results of other
+    controls are ignored; with ``to_name`` a stroke of ``from_name`` on another object is an error."""
     brush = sdk_brush()
-    strokes: list[tuple[str, Any]] = []
+    strokes: list[tuple[str, np.ndarray]] = []
     for r in annotation.get("result") or []:
-        if r.get("type", "").lower() != "brushlabels" or r.get("from_name") != FROM_NAME:
+        if r.get("type", "").lower() != "brushlabels" or r.get("from_name") != from_name:
             continue
+        if to_name is not None and r.get("to_name") != to_name:
+            raise PxpoInputError(where, f"a {from_name!r} stroke on {r.get('to_name')!r}, not on {to_name!r}", "push the project again (its labelling page is outdated) and re-annotate")
         value = r.get("value") or {}
         rle = value.get("rle")
         labels = value.get("brushlabels") or []
@@ -124,7 +129,12 @@ def annotation_map(annotation: dict, strengths: Mapping[str, float], neutral: fl
             raise PxpoInputError(where, f"brush RLE of {flat.size} values for a {h}x{w} RGBA canvas", "re-annotate the sample")
         alpha = np.reshape(flat, [h, w, 4])[:, :, 3]
         strokes.append((labels[0], alpha.astype(np.float32) / 255.0))
-    return brush_map(strokes, strengths, neutral, h, w, where=where)
+    return strokes
+
+
+def annotation_map(annotation: dict, strengths: Mapping[str, float], neutral: float, h: int, w: int, *, where: str) -> torch.Tensor:
+    """One finished annotation -> its (H, W) reward map (strokes decoded with the SDK, in order)."""
+    return brush_map(annotation_strokes(annotation, h, w, where=where), strengths, neutral, h, w, where=where)
 
 
 def task_map(task: dict, strengths: Mapping[str, float], neutral: float, h: int, w: int, *, where: str) -> tuple[torch.Tensor | None, int]:
