@@ -12,7 +12,8 @@ Format ``pxpo-trajectories`` version 1 (documented in docs/trajectory-format.md)
                                  pooled_prompt_embeds (N, P) f32,
                                  negative_pooled_prompt_embeds (1, P) f32,
                                  time_ids (N, 6) f32, negative_time_ids (1, 6) f32
-      samples.jsonl              {"index", "prompt", "seed", "image"} per sample
+      samples.jsonl              {"index", "prompt", "seed", "image"} per sample; with aligned
+                                 pairs (meta "pairs") also "pair" (p = index // 2) and "side" ("A" / "B")
       images/000000.png ...      decoded x_0, 8-bit RGB
       meta.json                  model, sampler, scheduler config, steps, eta,
                                  guidance scale, negative prompt, pxpo version
@@ -140,11 +141,14 @@ def save_trajectories(traj: Trajectories, out_dir: Path) -> None:
             metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)},
         )
         (tmp / "images").mkdir()
-        lines = []
+        lines, paired = [], "pairs" in traj.meta
         for i, (prompt, seed) in enumerate(zip(traj.prompts, traj.seeds)):
             name = f"images/{i:06d}.png"
             _to_png(traj.images[i], tmp / name)
-            lines.append(json.dumps({"index": i, "prompt": prompt, "seed": int(seed), "image": name}))
+            rec = {"index": i, "prompt": prompt, "seed": int(seed), "image": name}
+            if paired:  # aligned pairs (sample.pairs): sample 2p is pair p's A, 2p + 1 its B
+                rec.update(pair=i // 2, side="AB"[i % 2])
+            lines.append(json.dumps(rec))
         (tmp / "samples.jsonl").write_text("\n".join(lines) + "\n")
         meta = dict(traj.meta)
         meta.update(

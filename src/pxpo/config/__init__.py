@@ -61,6 +61,13 @@ class SampleConfig(_Section):
     sde_window_start: Int = Field(0, ge=0, description="flow_sde: the first SDE step (steps outside the window are ODE steps and not trained).")
     sde_window_size: Int = Field(0, ge=0, description="flow_sde: SDE steps from sde_window_start (0: every step; 1-2: Flow-GRPO-Fast / MixGRPO).")
     group_size: Int = Field(1, ge=1, description="Samples per drawn prompt in an epoch (GRPO's G; train.advantage_mode=group normalises within these groups).")
+    pairs: StrictBool = Field(False, description="Draw aligned pairs (issue 24): samples 2i (A) and 2i+1 (B) share a prompt and the initial noise, and the first pair_shared_steps steps; needed by the preference algorithms (train.algorithm d3po / diffusion_dpo).")
+    pair_shared_steps: Int = Field(0, ge=0, description="sample.pairs: the denoising steps A and B share (same step noise) before they branch; 0 shares only the initial noise. More shared steps: images that differ more locally.")
+
+    @property
+    def prompt_group(self) -> int:
+        """Samples per drawn prompt: group_size, at least 2 with pairs (a pair is one prompt)."""
+        return max(self.group_size, 2) if self.pairs else self.group_size
 
     @model_validator(mode="after")
     def _check(self) -> SampleConfig:
@@ -73,6 +80,10 @@ class SampleConfig(_Section):
         if self.sampler == "flow_sde" and self.sde_window_size and self.sde_window_start + self.sde_window_size > self.num_steps:
             problem = f"a window of {self.sde_window_size} SDE steps from step {self.sde_window_start} does not fit in {self.num_steps} steps"
             raise _fail("sde_window_start", problem, "choose sample.sde_window_start + sample.sde_window_size <= sample.num_steps")
+        if self.pairs and self.prompt_group % 2:
+            raise _fail("group_size", f"{self.group_size} samples per prompt cannot hold whole pairs", "set sample.group_size to an even number (or 1: pairs of one prompt)")
+        if self.pairs and self.pair_shared_steps >= self.num_steps:
+            raise _fail("pair_shared_steps", f"{self.pair_shared_steps} shared steps of {self.num_steps} leave A and B identical", "set sample.pair_shared_steps < sample.num_steps")
         return self
 
 
@@ -95,7 +106,10 @@ class LabelConfig(_Section):
         return self
 
 class TrainConfig(_Section):
-    algorithm: Literal["pxpo", "ddpo", "nft", "nft_scalar"] = Field("pxpo", description='"pxpo" (per-element advantages), "ddpo" (scalar: the map\'s mean), "nft" (pixel-wise DiffusionNFT, flow_sde sampler) or "nft_scalar" (DiffusionNFT on the map\'s mean).')
+    algorithm: Literal["pxpo", "ddpo", "nft", "nft_scalar", "d3po", "diffusion_dpo"] = Field("pxpo", description='"pxpo" (per-element advantages), "ddpo" (scalar: the map\'s mean), "nft" (pixel-wise DiffusionNFT, flow_sde sampler), "nft_scalar" (DiffusionNFT on the map\'s mean), "d3po" (region-level D3PO on the sampler\'s aligned pairs) or "diffusion_dpo" (region-level Diffusion-DPO on pairs of images; ddim or flow_sde). The last two need sample.pairs (docs/algorithms.md, "Region-level preferences").')
+    preference_map: Literal["region", "whole"] = Field("region", description='d3po / diffusion_dpo: "region" (the preference map m weights each latent element) or "whole" (one preference per pair, sign(mean m), constant over the image: D3PO / Diffusion-DPO exactly).')
+    preference_beta: Float = Field(0.1, gt=0, description="d3po: D3PO's beta in -log sigmoid(beta mean_e m_e (d_A,e - d_B,e)) (0.1 in D3PO's configs).")
+    dpo_beta: Float = Field(2.5, gt=0, description="diffusion_dpo: Diffusion-DPO's beta; the loss uses beta x T (T: the scheduler's num_train_timesteps, 1000), 2.5 x 1000 = its SD 1.5 code's 0.5 x beta_dpo 5000.")
     advantage_mode: Literal["tracker", "group"] = Field("tracker", description='"tracker" (per-prompt buffers across epochs, DDPO) or "group" (GRPO: within this epoch\'s group of sample.group_size samples per prompt).')
     group_std: Literal["group", "global"] = Field("group", description='advantage_mode=group: the spread of each group\'s residuals, or one over the epoch (Flow-GRPO\'s global_std).')
     nft_beta: Float = Field(1.0, gt=0, description="DiffusionNFT's mixing coefficient beta of the implicit positive / negative policies.")
@@ -197,13 +211,18 @@ def _check_flow_and_groups(s: SampleConfig, t: TrainConfig, total: int) -> None:
     """Cross-section checks of the flow sampler, NFT and GRPO groups (issue 15)."""
     from .algorithms import algorithm  # the registry of train.algorithm
 
-    nft = algorithm(t.algorithm).forward_process  # trains on the forward process: no sampler log-probs
-    if nft and s.sampler != "flow_sde":
-        raise _fail("train.algorithm", f"{t.algorithm} trains a flow model's velocity on the forward process, not a {s.sampler} sampler", "set sample.sampler=flow_sde (an SD3-class model)")
+    row = algorithm(t.algorithm)
+    nft = row.forward_process  # trains on the forward process: no sampler log-probs
+    if row.samplers and s.sampler not in row.samplers:
+        raise _fail("train.algorithm", f"{t.algorithm} trains on the forward process of {' or '.join(row.samplers)} models, not a {s.sampler} sampler", f"set sample.sampler={row.samplers[-1]}")
+    if row.pairs and not s.pairs:
+        raise _fail("sample.pairs", f"{t.algorithm} trains on aligned pairs of samples", "set sample.pairs=true")
+    if row.pairs and t.batch_size % 2:
+        raise _fail("train.batch_size", f"{t.algorithm} trains on whole pairs: {t.batch_size} samples per micro-batch split one", "set an even train.batch_size")
     if s.sampler == "flow_sde" and not nft and not s.noise_level > 0:
         raise _fail("sample.noise_level", "noise level 0 samples the ODE: no step has a log-probability to train by policy gradient", "set sample.noise_level > 0 (0.7 is Flow-GRPO's), or train.algorithm=nft")
-    if total % s.group_size:
-        raise _fail("sample.group_size", f"{s.group_size} does not divide the {total} samples per epoch", "choose sample.group_size dividing sample.batch_size * sample.num_batches")
+    if total % s.prompt_group:
+        raise _fail("sample.group_size", f"{s.prompt_group} does not divide the {total} samples per epoch", "choose sample.group_size dividing sample.batch_size * sample.num_batches")
     if t.advantage_mode == "group" and s.group_size < 2:
         raise _fail("sample.group_size", "group-relative advantages need at least 2 samples per prompt", "set sample.group_size >= 2 (e.g. 4-16) or train.advantage_mode=tracker")
 

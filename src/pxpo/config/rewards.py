@@ -80,13 +80,16 @@ class RewardComponent(LabellerSpec):
 class RewardConfig(_Spec):
     """The trained reward: one labeller (``name``, ``kwargs``) or several weighted ones (``components``)."""
 
-    name: Str = Field("brightness_target", description="A labeller: built-in, an installed plugin's name (entry-point group pxpo.labellers) or package.module:factory (`pxpo labellers` lists them).")
-    kwargs: dict[str, Any] = Field(default_factory=lambda: {"layout": "left_bright"}, description="Keyword arguments of the labeller.")
+    name: Str = Field("ink_colour", description="A labeller: built-in, an installed plugin's name (entry-point group pxpo.labellers) or package.module:factory (`pxpo labellers` lists them).")
+    kwargs: dict[str, Any] = Field(default_factory=lambda: {"colour": "red"}, description="Keyword arguments of the labeller.")
     components: list[RewardComponent] = Field(
         default_factory=list, description="Several labellers with weights, summed into one map per sample (instead of name / kwargs)."
     )
     normalize: Literal["none", "group"] = Field(
         "none", description='"none" (raw maps) or "group" (each component normalised per prompt group before weighting).'
+    )
+    preference_scale: Float = Field(
+        1.0, gt=0, description="Aligned pairs (sample.pairs): the preference map of a pair is clip((map_A - map_B) * preference_scale, -1, 1) (issue 24)."
     )
 
     def labellers(self) -> list[RewardComponent]:

@@ -171,6 +171,19 @@ class DDIMPolicy(PolicyBase):
     def from_config(cls, sample_cfg, scheduler) -> DDIMPolicy:
         return cls(scheduler, sample_cfg.num_steps, sample_cfg.eta, sample_cfg.guidance_scale)
 
+    def noised(self, x0: torch.Tensor, noise: torch.Tensor, step_index: torch.Tensor):
+        """The forward process at the timestep of step j (Diffusion-DPO, :mod:`pxpo.core.preference`).
+
+        x0, noise (B, C, h, w); step_index (B,) -> x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise, the
+        network's regression target (its ``prediction_type``: noise, v or x0) and the timestep t (B,).
+        """
+        from .preference import diffuse
+
+        t = self.timesteps.to(x0.device)[step_index.to(x0.device)]
+        abar = self.scheduler.alphas_cumprod.to(x0.device)[t]
+        x_t, target = diffuse(x0, noise, abar, self.scheduler.config.get("prediction_type", "epsilon"))
+        return x_t, target, t
+
     def step(self, model_output, step_index, x_t, x_prev=None, generator=None) -> StepOutput:
         t = self.timesteps.to(x_t.device)[step_index.to(x_t.device)]
         return ddim_step_with_logprob(

@@ -55,7 +55,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ..errors import PxpoInputError
-from .policy import Cond, Denoiser, PolicyBase, Rollout, StepOutput, batch_randn, gaussian_log_prob
+from .policy import Cond, Denoiser, PolicyBase, Rollout, StepOutput, batch_randn, begin_step, gaussian_log_prob
 
 Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x (B, C, h, w), sigma (B,)) -> v (B, C, h, w)
 
@@ -205,6 +205,7 @@ def sample_flow(
     latents, log_probs = [x], []
     for i in range(n_steps):
         v = velocity(x, sigmas[i].expand(b))
+        begin_step(generator, i)  # aligned pairs: B's noise branches from A's at step k
         if i in window:
             step = flow_sde_step(v, sigmas, i, x, noise_level, generator=generator)
             x, lp = step.prev_sample, step.log_prob
@@ -253,6 +254,18 @@ class FlowSDEPolicy(PolicyBase):
 
     def step(self, model_output, step_index, x_t, x_prev=None, generator=None) -> StepOutput:
         return flow_sde_step(model_output, self.sigmas, step_index, x_t, self.noise_level, prev_sample=x_prev, generator=generator)
+
+    def noised(self, x0: torch.Tensor, noise: torch.Tensor, step_index: torch.Tensor):
+        """The forward process at level j of the schedule (Diffusion-DPO on a flow model, :mod:`pxpo.core.preference`).
+
+        x0, noise (B, C, h, w); step_index (B,) -> x_t = (1 - t) x0 + t noise, the target velocity
+        noise - x0, and the network's timestep 1000 t (B,), t = sigmas[j].
+        """
+        from .preference import flow_diffuse
+
+        sigma = self.sigmas.to(x0.device)[step_index.to(x0.device)]
+        x_t, target = flow_diffuse(x0, noise, sigma)
+        return x_t, target, sigma * self.timestep_scale
 
     @torch.no_grad()
     def sample(self, denoiser, cond, uncond, latent_shape, generators, *, progress: bool = False) -> Rollout:

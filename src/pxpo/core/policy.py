@@ -176,6 +176,36 @@ def batch_randn(shape: tuple[int, ...], generator=None) -> torch.Tensor:
     return torch.randn(shape, generator=generator)
 
 
+class BranchingGenerators(list):
+    """One CPU ``torch.Generator`` per sample, some of which switch to a new seed at one step (aligned pairs).
+
+    Sample B of an aligned pair (issue 24) starts from the generator of its pair's sample A, seeded
+    with A's seed, so its initial noise and the noise of its first ``k`` steps are A's; at step k
+    (before that step's noise is drawn) its generator is re-seeded with B's own seed and the two
+    trajectories branch. A plain list of generators never branches.
+
+    Args:
+        generators: B generators (the sampling seeds already applied).
+        branches: ``{row: (step k, new seed)}`` for the rows that branch.
+    """
+
+    def __init__(self, generators, branches: dict[int, tuple[int, int]]):
+        super().__init__(generators)
+        self.branches = dict(branches)
+
+    def begin_step(self, j: int) -> None:
+        """Called by the sampling loops before step j draws its noise: re-seed the rows that branch at j."""
+        for row, (k, seed) in self.branches.items():
+            if k == j:
+                self[row].manual_seed(seed)
+
+
+def begin_step(generators, j: int) -> None:
+    """Before step j of a rollout: lets :class:`BranchingGenerators` branch (no-op for any other generators)."""
+    if isinstance(generators, BranchingGenerators):
+        generators.begin_step(j)
+
+
 def base_network(net):
     """The network inside DDP (``.module``) and torch.compile (``._orig_mod``) wrappers."""
     while True:
@@ -306,6 +336,7 @@ class PolicyBase:
         latents, log_probs, final = [x.float()], [], None
         for j in tqdm(range(len(self.timesteps)), desc="sampling", disable=not progress, leave=False):
             idx = torch.full((n,), j, dtype=torch.long)
+            begin_step(generators, j)  # aligned pairs: B's noise branches from A's at step k
             out = self.step(self.predict(denoiser, x, idx, cond, uncond), idx, x, generator=generators)
             x = out.prev_sample.float()
             final = out.denoised

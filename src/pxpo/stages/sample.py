@@ -37,7 +37,7 @@ def sample(cfg: Config, out: Path, *, policy: str | Path | None = None, epoch: i
     n = cfg.sample.batch_size * cfg.sample.num_batches
     if epoch is None:
         epoch = policy_round(policy)
-    prompts = PromptSource.load(cfg.prompts.source).draw_groups(n, cfg.sample.group_size, sample_seed(cfg.seed, epoch, 0, 0))
+    prompts = PromptSource.load(cfg.prompts.source).draw_groups(n, cfg.sample.prompt_group, sample_seed(cfg.seed, epoch, 0, 0))
     seeds = [sample_seed(cfg.seed, epoch, 0, i) for i in range(n)]
     traj = sample_trajectories(pipe, cfg, prompts, seeds, progress=progress)
     traj.meta["policy"] = str(policy) if policy else None

@@ -63,7 +63,8 @@ from ..trajectories import Trajectories
 
 
 def compute_advantages(
-    tracker: PerPromptStatTracker, prompts: list[str], maps: torch.Tensor, latent_hw: tuple[int, int], algorithm: str | Objective
+    tracker: PerPromptStatTracker, prompts: list[str], maps: torch.Tensor, latent_hw: tuple[int, int], algorithm: str | Objective,
+    *, preference_scale: float = 1.0, preferences: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Advantages from reward maps (N, H, W).
 
@@ -71,7 +72,12 @@ def compute_advantages(
     per-position statistics -> (N, h, w). Per-sample ones (DDPO, scalar NFT): each map's
     mean as the scalar reward -> (N,). ``algorithm``: the objective or its ``train.algorithm``
     name. ``tracker``: per-prompt buffers, or GRPO's :class:`GroupRelative`.
+    Preference objectives (``objective.pairs``): no statistics; each pair's preference map on the
+    latent grid, in both of its rows (N, h, w): from the reward maps of its two samples
+    (``preference_scale``), or ``preferences`` (N, H, W) as the label stage wrote them.
     """
+    if not isinstance(algorithm, str) and algorithm.pairs:
+        return algorithm.advantages(maps, latent_hw, preference_scale, preferences)
     per_sample = objective_class(algorithm)[1] if isinstance(algorithm, str) else algorithm.per_sample
     if per_sample:
         return tracker.update(prompts, maps.float().mean((1, 2)))
@@ -121,8 +127,14 @@ def train_on_trajectories(
     n_train_t = max(1, int(len(trained) * t.timestep_fraction))
     # Global order (pxpo.training.distributed): the same generator on every process; this process trains on its
     # train.batch_size / N samples of each global micro-batch, and DDP averages the N gradients.
-    world, rank, n = acc.num_processes, acc.process_index, len(traj)
-    n_global, local_b, gas = n * world, t.batch_size // world, t.gradient_accumulation_steps
+    # A preference objective's units are aligned pairs (samples 2p, 2p + 1): train.batch_size / 2 pairs per micro-batch.
+    unit = 2 if objective.pairs else 1
+    world, rank, n_samples = acc.num_processes, acc.process_index, len(traj)
+    if n_samples % unit or (t.batch_size // unit) % world:
+        raise PxpoInputError("train.batch_size", f"{t.algorithm} trains on whole pairs: {n_samples} samples per process, {t.batch_size // unit} pairs per "
+                             f"micro-batch over {world} processes", "use an even number of samples per process and train.batch_size / 2 divisible by the processes")
+    n = n_samples // unit
+    n_global, local_b, gas = n * world, t.batch_size // unit // world, t.gradient_accumulation_steps
     g = torch.Generator().manual_seed(cfg.seed * 7_919 + epoch * 104_729)
     guard = StepGuard.from_config(t) if guard is None else guard
     skipped_before = guard.skipped
@@ -132,12 +144,12 @@ def train_on_trajectories(
     data, where = EpochData(traj, advantages, acc.device), f"training epoch {epoch}"
     runner = StepRunner(
         state, policy, objective, data, t, state.train_compute, guard, where,
-        reference=state.reference, health=health, seed=cfg.seed * 7_919 + epoch, offset=rank * n,
+        reference=state.reference, health=health, seed=cfg.seed * 7_919 + epoch, offset=rank * n_samples,
     )
     state.unet.train()
     bar = tqdm(total=t.inner_epochs * n * n_train_t, desc=f"train epoch {epoch}", disable=not progress, leave=False)
     for _ in range(t.inner_epochs):
-        batches = micro_batches(n_global, t.batch_size, g)
+        batches = micro_batches(n_global, t.batch_size // unit, g)
         time_perm = torch.stack([trained[torch.randperm(len(trained), generator=g)] for _ in range(n_global)])[shard(n_global, rank, world)]
         for w in range(0, len(batches), gas):  # one optimizer step: gas micro-batches x n_train_t timesteps
             s_idx, j_idx = [], []
@@ -224,6 +236,8 @@ def run(
         if staged:
             # Stage form: this epoch's samples and maps come from the sample / label stages.
             traj, maps, info = first_batch  # info: the label stage's (reward_<key> of several components)
+            # preference objectives: the label stage's preference maps, expanded to samples (N, H, W) (pxpo.stages.train)
+            preferences = (info := dict(info)).pop("preferences", None)
             if len(traj) != n_global:
                 raise PxpoInputError(
                     "trajectories", f"{len(traj)} samples, but the config's epoch has {n_global}", "sample with the same sample.batch_size and sample.num_batches"
@@ -233,9 +247,10 @@ def run(
         else:
             # ---------------- SAMPLING ----------------
             t0 = time.perf_counter()
+            preferences = None  # preference objectives: from this epoch's reward maps (sample.pairs: 2i = A, 2i + 1 = B)
             # Sample i of the epoch has the prompt and noise of global index i whatever the number of
             # processes; this process rolls out its block, sample.batch_size / N per UNet batch.
-            epoch_prompts = prompts.draw_groups(n_global, cfg.sample.group_size, sample_seed(cfg.seed, epoch, 0, 0))
+            epoch_prompts = prompts.draw_groups(n_global, cfg.sample.prompt_group, sample_seed(cfg.seed, epoch, 0, 0))
             seeds = [sample_seed(cfg.seed, epoch, 0, i) for i in range(n_global)]
             pipe.unet = acc.unwrap_model(state.unet)
             with acc.autocast(), objective.sampling(state.params):  # NFT with a soft-updated old policy: its weights
@@ -254,7 +269,7 @@ def run(
         # Every rank holds the epoch's prompts; the maps are gathered once (staged: already all loaded),
         # and every rank runs the same stat tracker: identical advantages on every rank.
         def compute(tracker_, prompts_, maps_):
-            return compute_advantages(tracker_, prompts_, maps_, latent_hw, objective)
+            return compute_advantages(tracker_, prompts_, maps_, latent_hw, objective, preference_scale=cfg.reward.preference_scale, preferences=preferences)
 
         all_maps, adv_all = global_advantages(acc, stat_tracker, compute, epoch_prompts, maps, gathered=staged)
         adv = adv_all[mine]

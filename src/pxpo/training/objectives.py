@@ -20,8 +20,14 @@ never asks which it is. An objective says
 ``chunk(ctx, s, j)``: the chunk's :class:`ChunkLoss`;
 ``state_dict()`` / ``load_state_dict()``: what a checkpoint keeps of it.
 
+``pairs``: whether it trains on aligned pairs (issue 24): its units are pairs p of samples
+    (2p = A, 2p + 1 = B), ``chunk`` gets pair indices in ``s``, and its advantages are the
+    pairs' preference maps on the latent grid, from its ``advantages`` method (the others' come
+    from the loop's stat tracker);
+
 Implementations: :class:`PolicyGradient` (``pxpo``, ``ddpo``; PPO-clipped or
-score-function by ``train.loss``) and :class:`NFT` (``nft``, ``nft_scalar``).
+score-function by ``train.loss``), :class:`NFT` (``nft``, ``nft_scalar``),
+:class:`RegionD3PO` (``d3po``) and :class:`RegionDiffusionDPO` (``diffusion_dpo``).
 The one registry of ``train.algorithm`` is :data:`pxpo.config.algorithms.ALGORITHMS`
 (what each algorithm is); :data:`OBJECTIVE_KINDS` maps its rows to these classes and
 :func:`make_objective` builds one.
@@ -30,84 +36,18 @@ The one registry of ``train.algorithm`` is :data:`pxpo.config.algorithms.ALGORIT
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 
 from ..core.losses import DIAGNOSTICS as PG_DIAGNOSTICS, ddpo_loss, pxpo_loss
 from ..core.nft import forward_noise, nft_loss, optimality, velocity_kl
 from ..config.algorithms import algorithm
-from ..core.policy import batch_randn
+from .chunks import ChunkContext, ChunkLoss, Objective, item_noise
+from .preference import RegionD3PO, RegionDiffusionDPO, _Preference
+
+__all__ = ["ChunkContext", "ChunkLoss", "Objective", "PolicyGradient", "NFT", "RegionD3PO", "RegionDiffusionDPO", "make_objective", "objective_class"]
 
 NFT_KL_NOISE_LEVEL = 0.7  # the SDE the NFT KL is calibrated on when the rollouts are ODE (sample.noise_level 0): Flow-GRPO's a
-
-
-@dataclass
-class ChunkContext:
-    """What an objective computes a chunk with; built once per epoch by the step runner.
-
-    Attributes:
-        accelerator: the run's Accelerator (``autocast``).
-        policy: the :class:`pxpo.core.policy.Policy` the trajectories were sampled with.
-        data: the epoch's :class:`pxpo.training.step.EpochData`.
-        denoiser: the trained network's denoiser (DDP-wrapped or compiled: gradients flow).
-        plain: the same network unwrapped (no DDP, no compile) for no-grad forwards that
-            must not take part in DDP's gradient synchronisation.
-        params: the trainable parameters (NFT swaps the sampling policy's values in).
-        reference: the KL reference (:class:`pxpo.training.reference.Reference`) or None.
-        seed: the epoch's noise seed (run seed and epoch folded in); offset: this
-            process's first global sample index.
-    """
-
-    accelerator: object
-    policy: object
-    data: object
-    denoiser: object
-    plain: object
-    params: list
-    reference: object = None
-    seed: int = 0
-    offset: int = 0
-
-
-@dataclass
-class ChunkLoss:
-    """A chunk's loss terms.
-
-    Attributes:
-        loss: the objective's loss (mean over the chunk's pairs), with gradients.
-        diagnostics: detached 0-d tensors in the objective's ``names`` order.
-        kl: (K, C, h, w) per-element KL to the reference (gradients through the policy), or None.
-        ratio: (log_prob, old_log_prob), per element, for the ratio health check; None without a ratio.
-    """
-
-    loss: torch.Tensor
-    diagnostics: list[torch.Tensor]
-    kl: torch.Tensor | None = None
-    ratio: tuple[torch.Tensor, torch.Tensor] | None = None
-
-
-class Objective(Protocol):
-    per_sample: bool
-    has_ratio: bool
-    forward_process: bool
-    stateful: bool
-    names: tuple[str, ...]
-
-    def steps(self, policy) -> torch.Tensor: ...
-
-    def begin_epoch(self, ctx: ChunkContext) -> None: ...
-
-    def end_epoch(self, ctx: ChunkContext, optimizer_steps: int) -> None: ...
-
-    def sampling(self, params) -> contextlib.AbstractContextManager: ...
-
-    def chunk(self, ctx: ChunkContext, s: torch.Tensor, j: torch.Tensor) -> ChunkLoss: ...
-
-    def state_dict(self) -> dict: ...
-
-    def load_state_dict(self, state: dict) -> None: ...
 
 
 class PolicyGradient:
@@ -118,7 +58,7 @@ class PolicyGradient:
     The KL to the reference is the Gaussian step KL on the same stored x_t (:mod:`pxpo.core.kl`).
     """
 
-    has_ratio, forward_process, stateful = True, False, False
+    has_ratio, forward_process, stateful, pairs = True, False, False, False
     names = PG_DIAGNOSTICS
 
     def __init__(self, train_cfg, per_sample: bool):
@@ -180,7 +120,7 @@ class NFT:
     ``nft_old_deviation``, the mean squared distance of the velocity from the old one.
     """
 
-    has_ratio, forward_process = False, True
+    has_ratio, forward_process, pairs = False, True, False
     names = ("nft_positive", "nft_negative", "nft_old_deviation")
 
     def __init__(self, train_cfg, per_sample: bool, noise_level: float | None = None):
@@ -246,8 +186,7 @@ class NFT:
 
     @staticmethod
     def _noise(ctx: ChunkContext, s: torch.Tensor, j: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-        gens = [torch.Generator().manual_seed((ctx.seed * 1_000_003 + ctx.offset + int(a)) * 1_009 + int(b)) for a, b in zip(s, j)]
-        return batch_randn((len(s), *shape), gens)
+        return item_noise(ctx.seed, ctx.offset, s, j, shape)
 
     def chunk(self, ctx: ChunkContext, s: torch.Tensor, j: torch.Tensor) -> ChunkLoss:
         d, pol, acc = ctx.data, ctx.policy, ctx.accelerator
@@ -273,7 +212,7 @@ class NFT:
 
 
 # The objective kinds of pxpo.config.algorithms' rows (the registry of train.algorithm).
-OBJECTIVE_KINDS: dict[str, type] = {"policy_gradient": PolicyGradient, "nft": NFT}
+OBJECTIVE_KINDS: dict[str, type] = {"policy_gradient": PolicyGradient, "nft": NFT, "d3po": RegionD3PO, "diffusion_dpo": RegionDiffusionDPO}
 
 
 def objective_class(name: str) -> tuple[type, bool]:
@@ -287,4 +226,6 @@ def make_objective(train_cfg, sample_cfg=None) -> Objective:
     cls, per_sample = objective_class(train_cfg.algorithm)
     if cls is NFT:
         return NFT(train_cfg, per_sample, getattr(sample_cfg, "noise_level", None))
+    if issubclass(cls, _Preference):
+        return cls(train_cfg)
     return cls(train_cfg, per_sample)

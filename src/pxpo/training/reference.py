@@ -43,11 +43,14 @@ class Reference:
 
     @classmethod
     def build(cls, accelerator, unet, train_cfg) -> Reference | None:
-        """The run's reference, or None when ``train.kl_coef`` is 0. Call before any state is loaded.
+        """The run's reference, or None when ``train.kl_coef`` is 0 (and the algorithm is not a preference one,
+        whose loss is written against the reference). Call before any state is loaded.
 
         ``unet``: the trained network as prepared by ``accelerator`` (DDP-wrapped or not).
         """
-        if train_cfg.kl_coef <= 0:
+        from ..config.algorithms import algorithm
+
+        if train_cfg.kl_coef <= 0 and not algorithm(train_cfg.algorithm).pairs:  # the preference objectives' log-ratios need it
             return None
         net = base_network(accelerator.unwrap_model(unet))
         if train_cfg.use_lora:

@@ -20,7 +20,7 @@ import torch
 from .compute_batch import ComputeBatch
 from ..config import Config
 from ..core.policies import make_policy
-from ..core.policy import Cond, Policy
+from ..core.policy import BranchingGenerators, Cond, Policy
 from ..core.sampling import decode_latents, encode_cond, latent_hw
 from ..trajectories import Trajectories, check_reward_maps, make_meta, quantize_images
 
@@ -73,9 +73,12 @@ def sample_trajectories(
     neg = encode_cond(pipe, [cfg.prompts.negative_prompt], negative=True, max_sequence_length=s.max_sequence_length)
     latent_shape = (unet.config.in_channels, *latent_hw(unet.config))
 
+    if s.pairs:
+        check_pairs(prompts)
+
     def roll(c: slice):
         cond = encode_cond(pipe, prompts[c], max_sequence_length=s.max_sequence_length)
-        gens = [torch.Generator().manual_seed(sd) for sd in seeds[c]]
+        gens = pair_generators(seeds, c, s.pair_shared_steps) if s.pairs else [torch.Generator().manual_seed(sd) for sd in seeds[c]]
         r = policy.sample(denoiser, cond, neg, latent_shape, gens, progress=progress)
         # the reward is on Rollout.final (RLCM: the last f_theta output, not the last noised sample)
         images = quantize_images(decode_latents(pipe.vae, r.final.to(device)))
@@ -93,6 +96,8 @@ def sample_trajectories(
         negative_prompt=cfg.prompts.negative_prompt,
         sampler=s.sampler,
     )
+    if s.pairs:  # samples 2p (A) and 2p + 1 (B) are pair p (docs/trajectory-format.md)
+        meta["pairs"] = {"shared_steps": s.pair_shared_steps}
     conds = Cond.cat([p[1] for p in parts])
     neg = neg.to("cpu", torch.float32)
     return Trajectories(
@@ -110,6 +115,33 @@ def sample_trajectories(
         time_ids=conds.time_ids,
         negative_time_ids=neg.time_ids,
     )
+
+
+def check_pairs(prompts: list[str]) -> None:
+    """Aligned pairs need an even number of samples, 2p and 2p + 1 of one prompt (``sample.pairs``)."""
+    from ..errors import PxpoInputError
+
+    if len(prompts) % 2:
+        raise PxpoInputError("sample.pairs", f"{len(prompts)} samples cannot form whole pairs", "sample an even number per process (sample.batch_size)")
+    bad = [p for p in range(len(prompts) // 2) if prompts[2 * p] != prompts[2 * p + 1]]
+    if bad:
+        raise PxpoInputError("sample.pairs", f"pairs {bad[:5]} have two different prompts", "draw prompts in groups of sample.prompt_group (an even group)")
+
+
+def pair_generators(seeds: list[int], rows: slice, shared_steps: int) -> BranchingGenerators:
+    """The noise generators of samples ``rows`` of an aligned-pair rollout (``sample.pairs``).
+
+    Sample 2p (A) draws from its own seed. Sample 2p + 1 (B) starts from A's seed (the same initial
+    noise and the same noise in its first ``shared_steps`` steps) and switches to its own seed at step
+    ``shared_steps``, where the two trajectories branch (:class:`pxpo.core.policy.BranchingGenerators`).
+    Rows are global indices of ``seeds``, so any batching gives the same samples.
+    """
+    gens, branches = [], {}
+    for r, i in enumerate(range(rows.start or 0, rows.stop)):
+        gens.append(torch.Generator().manual_seed(seeds[i - 1] if i % 2 else seeds[i]))
+        if i % 2:
+            branches[r] = (shared_steps, seeds[i])
+    return BranchingGenerators(gens, branches)
 
 
 def label_images(labeller, images: torch.Tensor, prompts: list[str], where: str = "reward labeller") -> tuple[torch.Tensor, dict]:

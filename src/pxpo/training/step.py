@@ -95,8 +95,10 @@ class StepRunner:
                  reference=None, health=None, seed: int = 0, offset: int = 0):
         self.state, self.objective, self.data, self.t, self.compute, self.guard, self.where = state, objective, data, t, compute, guard, where
         self.reference = reference
+        # the KL penalty: a reference with train.kl_coef > 0 (the preference objectives hold one for their loss alone)
+        self.kl_on = reference is not None and t.kl_coef > 0
         self.health = health if objective.has_ratio else None
-        self.names = ("loss", *objective.names, *(("kl_ref",) if reference is not None else ()))
+        self.names = ("loss", *objective.names, *(("kl_ref",) if self.kl_on else ()))
         acc = state.accelerator
         self.ctx = ChunkContext(
             acc, policy, data,
@@ -116,7 +118,7 @@ class StepRunner:
         with sync:
             out = self.objective.chunk(self.ctx, s, j)
             loss, extra = out.loss, []
-            if out.kl is not None:  # + kl_coef * mean per-element KL(policy || reference)
+            if out.kl is not None and self.kl_on:  # + kl_coef * mean per-element KL(policy || reference)
                 kl = out.kl.mean()
                 loss = loss + self.t.kl_coef * kl
                 extra.append(kl)
@@ -146,7 +148,8 @@ class StepRunner:
         """One optimizer step on the pairs (s[i], j[i]), s and j (P,) local sample / transition indices."""
         acc, t, state = self.state.accelerator, self.t, self.state
         total, weight = len(s), 1.0 / len(s)
-        micro = t.batch_size // acc.num_processes  # the algorithm's batch: the first size of `auto`
+        # the algorithm's batch: the first size of `auto` (a preference objective's items are pairs of two samples)
+        micro = max(1, t.batch_size // acc.num_processes // (2 if self.objective.pairs else 1))
         dev = self.data.device
         step_sums = [torch.zeros(len(self.names), device=dev), torch.zeros((), device=dev)]
         finite = torch.ones((), dtype=torch.bool, device=dev)
