@@ -55,8 +55,12 @@ def digit_classifier():
 
 
 def _features(images: torch.Tensor):
-    """Images (B, 3, H, W) in [0, 1] -> (B, 64) grey 8 x 8 features in [0, 1] (numpy), the classifier's input."""
-    g = images.detach().float().cpu().mean(1, keepdim=True)
+    """Images (B, 3, H, W) in [0, 1] -> (B, 64) ink-strength 8 x 8 features in [0, 1] (numpy), the classifier's input.
+
+    Ink strength is the brightest channel (HSV value), so a digit reads the same in any ink colour
+    (for grey images it is the grey level).
+    """
+    g = images.detach().float().cpu().amax(1, keepdim=True)
     return F.adaptive_avg_pool2d(g, 8).flatten(1).clamp(0, 1).numpy()
 
 

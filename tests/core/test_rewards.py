@@ -30,7 +30,7 @@ def _spearman(a, b):
 def test_available_lists_all_shipped_labellers():
     expected = {
         "brightness_target", "color_target", "mask_region", "jpeg_block", "jpeg_compressibility",
-        "ssim", "jpeg_size", "compressibility", "occlusion", "constant",
+        "ssim", "jpeg_size", "compressibility", "occlusion", "constant", "ink_colour",
     }
     assert expected <= set(R.available())
     assert R.available() == sorted(R.REGISTRY)
@@ -330,3 +330,42 @@ def test_labeller_checks_inputs():
         fn(torch.zeros(2, 1, 4, 4), ["", ""])
     with pytest.raises(PxpoInputError, match="prompts"):
         fn(torch.zeros(2, 3, 4, 4), [""])
+
+
+# ----- ink_colour: the embedded default's task ---------------------------------------------
+
+
+def _ink(rgb, strength=1.0):
+    """A 1 x 3 x 2 x 2 image: black, with one pixel of ink ``strength * rgb``."""
+    img = torch.zeros(1, 3, 2, 2)
+    img[0, :, 0, 0] = strength * torch.tensor(rgb, dtype=torch.float32)
+    return img
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.5, 0.1])
+def test_ink_colour_scores_the_colour_not_the_strength(strength):
+    fn = R.make_labeller("ink_colour", colour="red")
+    maps, _ = fn(_ink([1.0, 0.0, 0.0], strength), [""])
+    assert torch.allclose(maps, torch.ones(1, 2, 2))  # red ink at any strength, and the black background, score 1
+    white, _ = fn(_ink([1.0, 1.0, 1.0], strength), [""])
+    assert white[0, 0, 0].item() == pytest.approx(1 - strength)  # off by `strength` in green and blue
+    assert torch.allclose(white[0].flatten()[1:], torch.ones(3))
+
+
+def test_ink_colour_orders_hues_by_distance_to_the_target():
+    fn = R.make_labeller("ink_colour", colour=[1.0, 0.0, 0.0])
+    score = {name: fn(_ink(rgb), [""])[0][0, 0, 0].item()
+             for name, rgb in {"red": [1, 0, 0], "orange": [1, 0.5, 0], "yellow": [1, 1, 0], "blue": [0, 0, 1]}.items()}
+    assert score["red"] == 1.0 and score["orange"] == pytest.approx(0.5) and score["yellow"] == 0.0 and score["blue"] == 0.0
+
+
+def test_ink_colour_target_is_scaled_to_full_strength():
+    dim, full = R.make_labeller("ink_colour", colour=[0.5, 0.25, 0.0]), R.make_labeller("ink_colour", colour=[1.0, 0.5, 0.0])
+    img = _rand((2, 3, 5, 5), seed=3)
+    assert torch.allclose(dim(img, [""] * 2)[0], full(img, [""] * 2)[0])
+
+
+@pytest.mark.parametrize("bad", ["crimson", [0, 0, 0], [1, 2, 0], [1, 0]])
+def test_ink_colour_bad_colour_names_the_field(bad):
+    with pytest.raises(PxpoInputError, match="reward.kwargs.colour"):
+        R.make_labeller("ink_colour", colour=bad)

@@ -43,8 +43,9 @@ class BaseModelSpec:
     text_lr_mult: float = 1.0  # text encoder learning rate = unet_lr * this
     uncond_prob: float = 0.1  # fraction of empty prompts (for classifier-free guidance)
     ema_decay: float = 0.995
+    ink: str = "colours"  # training images: "colours" (each digit in a random ink colour; the prompt names no colour) | "white"
+    ink_copies: int = 4  # coloured copies of each of the 1,797 digits
     seed: int = 0
-
 
 
 def build_components(spec: BaseModelSpec | None = None, seed: int = 0) -> dict:

@@ -10,20 +10,40 @@ from ..labellers import classify_images, digit_classifier  # noqa: F401  (the cl
 from ..prompts import digit_prompt
 
 
-def digits_dataset(image_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+def digits_dataset(image_size: int = 16, ink: str = "white", copies: int = 1, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """scikit-learn's handwritten digits as RGB images.
 
+    ``ink``: ``"white"`` (white ink, one copy of each digit) or ``"colours"`` (each of ``copies``
+    copies of the 1,797 digits inked in its own colour: a uniformly random hue at saturation
+    0.6-1, drawn with ``seed``). The prompts do not name the colour, so a model trained on the
+    coloured set draws the prompted digit in any colour: the embedded default's ink-colour task
+    (reward ``ink_colour``) then asks RL for one colour without touching the digit.
+
     Returns:
-        images: (N, 3, S, S) float32 in [-1, 1] (white ink on black), N = 1797.
+        images: (N, 3, S, S) float32 in [-1, 1] (ink on black), N = 1797 * copies.
         labels: (N,) int64 digit classes.
     """
     from sklearn.datasets import load_digits
 
+    if ink not in ("white", "colours"):
+        raise ValueError(f"digits_dataset: ink must be 'white' or 'colours', got {ink!r}")
     d = load_digits()
     x = torch.from_numpy(d.images.astype(np.float32) / 16.0)[:, None]
-    x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
-    x = x.clamp(0, 1).repeat(1, 3, 1, 1) * 2 - 1
-    return x, torch.from_numpy(d.target.astype(np.int64))
+    x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False).clamp(0, 1)
+    labels = torch.from_numpy(d.target.astype(np.int64))
+    if ink == "white":
+        return x.repeat(1, 3, 1, 1) * 2 - 1, labels
+    g = torch.Generator().manual_seed(seed)
+    n = x.shape[0] * copies
+    colours = hsv_colours(torch.rand(n, generator=g), 0.6 + 0.4 * torch.rand(n, generator=g))
+    x = x.repeat(copies, 1, 1, 1) * colours[:, :, None, None]
+    return x * 2 - 1, labels.repeat(copies)
+
+
+def hsv_colours(hue: torch.Tensor, saturation: torch.Tensor) -> torch.Tensor:
+    """Fully bright colours from hue and saturation in [0, 1]: ``(N,), (N,) -> (N, 3)`` RGB in [0, 1]."""
+    k = (torch.tensor([5.0, 3.0, 1.0])[None] + hue[:, None] * 6) % 6
+    return 1 - saturation[:, None] * (torch.minimum(k, 4 - k).clamp(0, 1))
 
 
 def evaluate_digits(pipe, per_digit: int = 8, steps: int = 20, guidance: float = 3.0, seed: int = 0):

@@ -25,6 +25,7 @@ class LCMSpec:
     steps: int = 1000  # distillation steps
     batch_size: int = 32
     lr: float = 5e-4
+    ink: str = "colours"  # the distillation images' ink (the teacher's: BaseModelSpec.ink)
     guidance_min: float = 1.5  # teacher CFG scale range sampled per example (w = scale - 1 is embedded)
     guidance_max: float = 4.0
     skip: int = 20  # DDIM solver skip: 1000 / original_inference_steps (50)
@@ -58,7 +59,7 @@ def distill_lcm(teacher_pipe, spec: LCMSpec, progress: bool = True):
     target = copy.deepcopy(student).eval().requires_grad_(False)
     student.train()
 
-    images, labels = digits_dataset(vae.config.sample_size)
+    images, labels = digits_dataset(vae.config.sample_size, spec.ink, 1, spec.seed)
     with torch.no_grad():
         dists = [vae.encode(images[i : i + 256]).latent_dist for i in range(0, len(images), 256)]
     mean, std = torch.cat([d.mean for d in dists]), torch.cat([d.std for d in dists])

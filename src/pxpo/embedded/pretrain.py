@@ -44,7 +44,7 @@ def pretrain(pipe, spec: BaseModelSpec, progress: bool = True) -> dict:
     from tqdm.auto import tqdm
 
     g = torch.Generator().manual_seed(spec.seed)
-    images, labels = digits_dataset(spec.image_size)
+    images, labels = digits_dataset(spec.image_size, spec.ink, spec.ink_copies, spec.seed)
     n = images.shape[0]
     stats: dict = {}
 

@@ -23,10 +23,12 @@ def build_base_model(out: Path, *, arch: str = "sd", seed: int = 0, vae_steps: i
     :mod:`pxpo.embedded.sd3`; ``unet_steps`` is then the transformer's flow-matching steps).
     Returns the build figures (``prompt_following_accuracy``, ``total_seconds``, ...).
     """
+    out = Path(out)
     if arch not in BASE_ARCHS:
         raise PxpoInputError(f"--arch {arch}", "unknown architecture", f"use one of {', '.join(BASE_ARCHS)}")
-    out = Path(out)
     if (out / "model_index.json").exists() and not force:
+        if arch == "sd":
+            _check_existing_spec(out, seed, vae_steps, unet_steps, text_lr_mult)
         return None
     if arch == "sd3":
         from ..embedded.sd3 import SD3Spec, build_sd3_base
@@ -45,6 +47,36 @@ def build_base_model(out: Path, *, arch: str = "sd", seed: int = 0, vae_steps: i
         if value is not None:
             setattr(spec, name, value)
     return build_base(out, spec, progress=progress)
+
+
+def _check_existing_spec(out: Path, seed: int, vae_steps, unet_steps, text_lr_mult) -> None:
+    """Refuse to reuse the model at ``out`` when its ``build.json`` says it was built with another spec than asked for.
+
+    The repository keeps the default build (models/base) under version control, so `pxpo base build`
+    with the default spec reuses it; a different budget or seed must rebuild (``--force``).
+    """
+    import json
+    from dataclasses import asdict
+
+    from ..embedded.architecture import BaseModelSpec
+
+    f = out / "build.json"
+    if not f.is_file():
+        return  # a model from elsewhere (no build record): reuse it as it is
+    try:
+        built = json.loads(f.read_text())["spec"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise PxpoInputError(str(f), f"unreadable build record ({exc})", "rebuild with `pxpo base build --force`") from None
+    want = BaseModelSpec(seed=seed)
+    for name, value in (("vae_steps", vae_steps), ("unet_steps", unet_steps), ("text_lr_mult", text_lr_mult)):
+        if value is not None:
+            setattr(want, name, value)
+    want = json.loads(json.dumps(asdict(want)))  # tuples as lists, as build.json stores them
+    differ = sorted(k for k in want if built.get(k) != want[k])
+    if differ:
+        got = ", ".join(f"{k}={built.get(k)!r} (asked {want[k]!r})" for k in differ)
+        raise PxpoInputError(str(f), f"the model at {out} was built with another spec: {got}",
+                             f"rebuild it with `pxpo base build --force --out {out}` (or pass the spec it was built with)")
 
 
 def distill_lcm_model(teacher: Path, out: Path, *, seed: int = 0, steps: int | None = None, force: bool = False,

@@ -6,7 +6,7 @@ import torch
 
 from pxpo.errors import PxpoInputError
 
-from .common import _finite_float, _MaskSpec, _per_image_mean, _unit_float, luminance
+from .common import _finite_float, _MaskSpec, _per_image_mean, _rgb, _unit_float, luminance
 from .registry import LabelFn, register
 
 
@@ -91,6 +91,56 @@ def contrast(gamma: float = 1.0) -> LabelFn:
 
     def fn(images: torch.Tensor, prompts: Sequence[str]) -> tuple[torch.Tensor, dict]:
         maps = (2 * luminance(images).float() - 1).abs().pow(2 * g)
+        return maps, {"mean": _per_image_mean(maps)}
+
+    return fn
+
+
+_COLOURS = {
+    "red": (1.0, 0.0, 0.0),
+    "green": (0.0, 1.0, 0.0),
+    "blue": (0.0, 0.0, 1.0),
+    "yellow": (1.0, 1.0, 0.0),
+    "cyan": (0.0, 1.0, 1.0),
+    "magenta": (1.0, 0.0, 1.0),
+    "white": (1.0, 1.0, 1.0),
+}
+
+
+def _ink_target(colour: Any) -> torch.Tensor:
+    """A named colour or an RGB triple in [0, 1] (not black) -> (3,) scaled so its brightest channel is 1."""
+    if isinstance(colour, str):
+        if colour not in _COLOURS:
+            raise PxpoInputError("reward.kwargs.colour", f"unknown colour {colour!r}",
+                                 f"use one of {', '.join(_COLOURS)} or an RGB list like [1.0, 0.5, 0.0]")
+        return torch.tensor(_COLOURS[colour])
+    rgb = _rgb(colour, "reward.kwargs.colour")
+    if not rgb.max() > 0:
+        raise PxpoInputError("reward.kwargs.colour", "black is not an ink colour", "give a colour with a channel above 0")
+    return rgb / rgb.max()
+
+
+@register("ink_colour")
+def ink_colour(colour: Any = "red") -> LabelFn:
+    """Ink in a target colour on a dark background, per pixel: ``1 - max_c |x_c - v * target_c|``.
+
+    ``v = max_c x_c`` is the pixel's ink strength (HSV value) and ``target`` the colour with its
+    brightest channel scaled to 1, so a pixel scores 1 when it is the target colour at any
+    strength (black background included) and 0 for full-strength ink of a colour that misses
+    the target by 1 in some channel (white, green or blue ink against red). Where the ink is and
+    how strong it is do not change the score: only its colour does, so the reward and the
+    prompted digit agree (the embedded default's task: its base model inks each digit in a
+    random colour).
+
+    ``colour``: a name (red, green, blue, yellow, cyan, magenta, white) or an RGB list in [0, 1].
+    Shapes: ``(B, 3, H, W) -> (B, H, W)``; range ``[0, 1]``.
+    """
+    target = _ink_target(colour)
+
+    def fn(images: torch.Tensor, prompts: Sequence[str]) -> tuple[torch.Tensor, dict]:
+        x = images.float().clamp(0, 1)
+        v = x.amax(dim=1, keepdim=True)
+        maps = 1.0 - (x - v * target.to(x.device)[None, :, None, None]).abs().amax(dim=1)
         return maps, {"mean": _per_image_mean(maps)}
 
     return fn
