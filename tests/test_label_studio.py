@@ -179,6 +179,67 @@ def test_push_annotate_pull_pixel_by_pixel(server, traj_dir, tmp_path, monkeypat
     print(f"push -> annotate -> pull: {time.monotonic() - t0:.1f} s after a {server.startup_s:.1f} s server start")
 
 
+def _pair_stroke(side, mask, label):
+    """A stroke on image A or B of the pairwise page: the page's result JSON, posted by that side's BrushLabels."""
+    control, image = {"A": ("better_a", "image_a"), "B": ("better_b", "image_b")}[side]
+    return {**_web_page_result(mask, label), "from_name": control, "to_name": image}
+
+
+def _annotate_pair(client, task_id, project_id, strokes):
+    return client.create_annotation(
+        task_id, project_id, [_pair_stroke(*s) for s in strokes], draft_id=0, parent_prediction=None, parent_annotation=None,
+        started_at=time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime()),
+    )
+
+
+def _preference(strokes):
+    """The expected preference map, written out independently: per image 0, then each stroke's strength; A - B, clipped."""
+    side = {"A": np.zeros((H, W)), "B": np.zeros((H, W))}
+    for s, mask, lab in strokes:
+        side[s][mask] = GOOD if lab == "good" else BAD
+    return np.clip(side["A"] - side["B"], -1, 1)
+
+
+def test_pairs_push_annotate_pull_pixel_by_pixel(server, traj_dir, tmp_path, monkeypatch):
+    """push --pairs -> strokes painted on both images of a pair -> pull --pairs, pixel by pixel (label.neutral does not apply)."""
+    from pxpo.labelstudio.client import LabelStudioClient
+    from pxpo.stages.label_studio import pull_pairs, push_pairs
+    from pxpo.trajectories import load_preference_maps
+
+    f = traj_dir / "samples.jsonl"  # sampled in pairs: pair 0 = (A 1, B 0), pair 1 = (A 2, B 3)
+    tags = [(0, "B"), (0, "A"), (1, "A"), (1, "B")]
+    f.write_text("".join(json.dumps({**json.loads(r), "pair": p, "side": sd}) + "\n" for r, (p, sd) in zip(f.read_text().splitlines(), tags)))
+    cfg = _cfg(server, "pxpo-e2e", monkeypatch)
+    s = push_pairs(cfg, traj_dir)
+    assert s["pushed"] == 2 and s["pair_source"] == "fields" and push_pairs(cfg, traj_dir)["pushed"] == 0
+    client = LabelStudioClient(server.url, server.token)
+    pid = s["project_id"]
+    project = client.find_project("pxpo-e2e-pairs")
+    assert project["id"] == pid and "$image_a" in project["label_config"] and "better_b" in project["label_config"]
+    tasks = {t["data"]["pxpo_pair"]: t for t in client.export_tasks(pid)}
+    assert {p: (t["data"]["pxpo_a"], t["data"]["pxpo_b"]) for p, t in tasks.items()} == {0: (1, 0), 1: (2, 3)}
+    preds = client.request("GET", "/api/predictions/", task=tasks[0]["id"])
+    assert preds and {r["from_name"] for r in preds[0]["result"]} <= {"better_a", "better_b"} and preds[0]["model_version"] == "pxpo-brightness_target"
+
+    # pair 0: two people, each painting on both images; pair 1: one person, over-painting on B
+    p0a = [("A", _rect(0, 8, 0, 16), "good"), ("B", _rect(4, 12, 4, 12), "good")]
+    p0b = [("B", _rect(0, 16, 10, 16), "good"), ("A", _rect(12, 16, 0, 6), "bad")]
+    p1 = [("A", _rect(2, 6, 2, 14), "good"), ("B", _rect(0, 16, 0, 8), "bad"), ("B", _rect(0, 4, 0, 4), "good")]
+    _annotate_pair(client, tasks[0]["id"], pid, p0a)
+    with pytest.raises(PxpoInputError, match=r"1 of 2 pairs have no finished annotation \(pairs 1\)"):
+        pull_pairs(cfg, traj_dir)
+    _annotate_pair(client, tasks[0]["id"], pid, p0b)
+    _annotate_pair(client, tasks[1]["id"], pid, p1)
+    out = pull_pairs(cfg, traj_dir, out=tmp_path / "pairs", validate=True)
+    assert out["missing"] == [] and out["annotations"] == 3
+    maps, pairs, info = load_preference_maps(tmp_path / "pairs", (H, W))
+    assert pairs.tolist() == [[1, 0], [2, 3]] and info["annotations"] == [2, 1] and info["project"] == "pxpo-e2e-pairs"
+    np.testing.assert_array_equal(maps[0].double().numpy(), (_preference(p0a) + _preference(p0b)) / 2, err_msg="pair 0")
+    np.testing.assert_array_equal(maps[1].double().numpy(), _preference(p1), err_msg="pair 1")
+    # spot checks of the rule: A good / B unpainted averaged with nothing; A bad = B better; A good + B bad clipped to 1; B's later good
+    assert maps[0][0, 0] == 0.5 and maps[0][14, 2] == -0.25 and maps[1][5, 5] == 1 and maps[1][5, 10] == 1 and maps[1][1, 1] == -1
+
+
 def test_unknown_label_and_bad_token_are_input_errors(server, traj_dir, monkeypatch):
     from pxpo.labelstudio.client import LabelStudioClient
     from pxpo.stages.label_studio import pull, push
