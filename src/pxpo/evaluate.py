@@ -10,7 +10,9 @@ Writes into the output directory::
                           ``base_reward_<key>``); the gold rewards of
                           ``evaluate.gold`` (labellers training never sees) for
                           both (``gold_<key>``, ``base_gold_<key>``, and
-                          ``gold`` = {key: {base, policy}})
+                          ``gold`` = {key: {base, policy}}); with aligned pairs
+                          (``sample.pairs``) the policy's preference accuracy on
+                          the base model's held-out pairs (``pref_accuracy``)
     reward_map_mean.png   mean reward map of the policy's samples (heatmap)
     samples_grid.png      base samples (rows labelled "base") and policy samples ("policy"), same seeds
     reward_overlay.png    policy samples with their reward maps blended on top
@@ -71,6 +73,10 @@ def evaluate(cfg: Config, policy_dir: str | None, out_dir: Path, *, samples_per_
     pipe = load_configured_pipeline(cfg)
     split = "heldout" if Path(cfg.prompts.source).is_dir() else "train"
     heldout, _ = load_weighted_prompts(cfg.prompts.source, split=split)
+    if cfg.sample.pairs and samples_per_prompt % 2:
+        from .errors import PxpoInputError
+
+        raise PxpoInputError("evaluate.samples_per_prompt", f"{samples_per_prompt} samples per prompt cannot form aligned pairs (sample.pairs)", "use an even number")
     prompts = [p for p in heldout for _ in range(samples_per_prompt)]
     seeds = [sample_seed(seed, 0, 0, i) for i in range(len(prompts))]
     labeller = make_reward(cfg.reward)
@@ -81,6 +87,7 @@ def evaluate(cfg: Config, policy_dir: str | None, out_dir: Path, *, samples_per_
     tuned = sample_trajectories(pipe, cfg, prompts, seeds, progress=progress)
     maps_b, info_b = label_images(labeller, base.images, prompts)
     maps_t, info_t = label_images(labeller, tuned.images, prompts)
+    prefs = preference_metrics(pipe, cfg, base, maps_b) if cfg.sample.pairs else {}
 
     r_b, r_t = maps_b.mean((1, 2)), maps_t.mean((1, 2))
     mean_map = maps_t.mean(0)
@@ -99,6 +106,7 @@ def evaluate(cfg: Config, policy_dir: str | None, out_dir: Path, *, samples_per_
         "map_top_minus_bottom": float(mean_map[: h // 2].mean() - mean_map[h - h // 2 :].mean()),
         **component_metrics(info_b, info_t),
         **gold_metrics(gold, base.images, tuned.images, prompts),
+        **prefs,
         "per_prompt_reward": per_prompt,
         "policy": str(policy_dir) if policy_dir else None,
         "reward": {"name": cfg.reward.describe(), "kwargs": cfg.reward.kwargs} if not cfg.reward.components else cfg.reward.model_dump(),
@@ -111,6 +119,36 @@ def evaluate(cfg: Config, policy_dir: str | None, out_dir: Path, *, samples_per_
         save_file({"maps": maps_t.contiguous(), "base_maps": maps_b.contiguous()}, str(tmp / "reward_maps.safetensors"))
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
+
+
+@torch.no_grad()
+def preference_metrics(pipe, cfg: Config, base, maps_b: torch.Tensor) -> dict:
+    """Preference accuracy of the policy (``pipe.unet``) on held-out aligned pairs (``sample.pairs``, issue 24).
+
+    The pairs are the base model's held-out samples ``base`` (a :class:`pxpo.trajectories.Trajectories`
+    of aligned pairs); their maps m = clip((map_A - map_B) * ``reward.preference_scale``, -1, 1) come from
+    the base samples' reward maps ``maps_b`` (N, H, W). The policy's implied preference of a pair is
+    sum_j mean_e m_e (d_A,j,e - d_B,j,e) over the sampler's trained steps, d = log pi_policy - log pi_base
+    of the stored transitions (the base's log-probs are the stored ones): D3PO's margin. Returns
+    ``pref_accuracy`` (share of pairs with a map whose implied preference is > 0, ties 1/2), ``pref_margin``
+    (its mean) and ``pref_pairs``.
+    """
+    from .core.policies import make_policy
+    from .core.preference import pool_preferences, preference_accuracy, preference_from_maps, weighted_mean
+
+    policy = make_policy(cfg.sample, pipe.scheduler)
+    unet = pipe.unet
+    dev, n = unet.device, len(base)
+    denoiser = policy.denoiser(unet, unet.dtype)
+    m = pool_preferences(preference_from_maps(maps_b[0::2], maps_b[1::2], cfg.reward.preference_scale), tuple(base.latents.shape[-2:]))
+    margin = torch.zeros(n // 2)
+    uncond = base.uncond().to(dev)
+    for j in policy.trained_steps.tolist():
+        idx = torch.full((n,), j, dtype=torch.long)
+        out = policy.log_prob(denoiser, base.latents[:, j].to(dev), idx, base.latents[:, j + 1].to(dev), base.cond().to(dev), uncond)
+        d = (out.log_prob.float().cpu() - base.log_probs[:, j])
+        margin += weighted_mean(m, d[0::2] - d[1::2])
+    return {"pref_accuracy": float(preference_accuracy(margin, m)), "pref_margin": float(margin.mean()), "pref_pairs": n // 2}
 
 
 def component_metrics(info_base: dict, info_policy: dict) -> dict:

@@ -33,7 +33,13 @@ def cmd_base_build(args) -> int:
     kw = dict(vae_steps=args.vae_steps, unet_steps=args.unet_steps, text_lr_mult=args.text_lr_mult, force=args.force, progress=not args.quiet)
     stats = build_base_model(out, arch=args.arch, seed=args.seed, **kw)
     if stats is None:
-        print(f"{out} exists (use --force to rebuild)")
+        import json
+
+        record = out / "build.json"
+        built = json.loads(record.read_text()) if record.is_file() else {}
+        acc = built.get("prompt_following_accuracy")
+        what = f" (prompt-following accuracy {acc:.2f} at build time; {record})" if acc is not None else ""
+        print(f"using {out}{what}; --force rebuilds it")
         return 0
     acc, secs = stats["prompt_following_accuracy"], stats["total_seconds"]
     print(f"built {out}: prompt-following accuracy {acc:.2f} (digit classifier on 80 samples), {secs:.0f}s; grid {out / 'samples.png'}")
@@ -95,7 +101,8 @@ def cmd_label(args) -> int:
     from ..stages.label import label
 
     s = label(config_of(args), Path(args.trajectories), out=Path(args.out) if args.out else None, validate=args.validate, report=args.report)
-    print(f"labelled {s['num_samples']} samples with {s['labeller']}: mean reward {s['reward_mean']:.4f}")
+    pairs = f"; {s['num_pairs']} preference maps (mean {s['preference_mean']:+.4f})" if "num_pairs" in s else ""
+    print(f"labelled {s['num_samples']} samples with {s['labeller']}: mean reward {s['reward_mean']:.4f}{pairs}")
     return 0
 
 
@@ -109,6 +116,7 @@ def cmd_train(args) -> int:
     print(
         f"trained {s['rounds']} round(s) to epoch {s['completed_epochs']}: reward "
         + " -> ".join(f"{h['reward_mean']:.4f}" for h in s["history"])
+        + ("; preference accuracy " + " -> ".join(f"{h['pref_accuracy']:.2f}" for h in s["history"]) if s["history"] and "pref_accuracy" in s["history"][0] else "")
     )
     return 0
 

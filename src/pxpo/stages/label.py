@@ -34,20 +34,47 @@ def label(cfg: Config, trajectories: Path, *, out: Path | None = None, validate:
     name = cfg.reward.describe()
     maps, info = label_images(labeller, traj.images, traj.prompts, where=f"reward labeller {name!r} on {d}")
     labelled = {"labeller": name, "kwargs": cfg.reward.kwargs} if not cfg.reward.components else {"labeller": name, "reward": cfg.reward.model_dump()}
-    write_maps(d, maps, info={**labelled, **info}, out=out, validate=validate, report=report)
+    prefs = model_preferences(maps, traj.meta, cfg.reward.preference_scale, {**labelled, "preference_scale": cfg.reward.preference_scale})
+    write_maps(d, maps, info={**labelled, **info}, out=out, validate=validate, report=report, preferences=prefs)
     target = Path(out) if out else d
-    return {"num_samples": len(traj), "reward_mean": maps.mean().item(), "labeller": name, "out": str(target)}
+    summary = {"num_samples": len(traj), "reward_mean": maps.mean().item(), "labeller": name, "out": str(target)}
+    if prefs is not None:
+        summary.update(num_pairs=len(prefs[1]), preference_mean=prefs[0].mean().item())
+    return summary
 
 
-def write_maps(d: Path, maps, info: dict, *, out: Path | None, validate: bool, report: str | Path | None, keep: list[int] | None = None) -> Path:
+def model_preferences(maps: torch.Tensor, meta: dict, scale: float, info: dict):
+    """Aligned pairs (``meta["pairs"]``, ``sample.pairs``): the labeller's preference maps, else None.
+
+    maps (N, H, W) -> (m (N/2, H, W) = clip((map_A - map_B) * scale, -1, 1), pairs (N/2, 2) [2p, 2p + 1], info)
+    for ``preference_maps.safetensors`` (:func:`pxpo.trajectories.save_preference_maps`).
+    """
+    if "pairs" not in meta:
+        return None
+    from ..core.preference import aligned_pairs, preference_from_maps
+
+    return preference_from_maps(maps[0::2], maps[1::2], scale), aligned_pairs(maps.shape[0]), {**info, "source": "model"}
+
+
+def write_maps(d: Path, maps, info: dict, *, out: Path | None, validate: bool, report: str | Path | None, keep: list[int] | None = None,
+               preferences: tuple | None = None) -> Path:
     """Write ``maps`` for the trajectories in ``d``: beside them, or into a labelled copy at ``out``.
 
     The one write path of ``pxpo label`` and ``pxpo label-studio pull`` (same checks, same
     validation). ``keep`` (sample indices, with ``out`` only) writes a copy holding just those
-    samples, in that order; ``maps`` then has one map per kept sample.
+    samples, in that order; ``maps`` then has one map per kept sample. ``preferences``: (maps (P, H, W),
+    pairs (P, 2), info) of aligned pairs, written as ``preference_maps.safetensors`` with the reward maps.
     """
     from ..storage import atomic_dir
-    from ..trajectories import MAPS, check_reward_maps, load_trajectories, save_reward_maps, save_trajectories
+    from ..trajectories import MAPS, PREFERENCES, check_reward_maps, load_trajectories, save_preference_maps, save_reward_maps, save_trajectories
+
+    if preferences is not None and keep is not None:
+        raise PxpoInputError("--out", "dropping samples would break the aligned pairs", "label every sample of a paired directory")
+
+    def save(where: Path) -> None:
+        save_reward_maps(where, maps, info)
+        if preferences is not None:
+            save_preference_maps(where, *preferences)
 
     d = Path(d)
     target = Path(out) if out else d
@@ -75,8 +102,8 @@ def write_maps(d: Path, maps, info: dict, *, out: Path | None, validate: bool, r
             save_reward_maps(tmp, maps, info)
     elif out:
         with atomic_dir(target) as tmp:
-            shutil.copytree(d, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(MAPS, "*.validation.json"))
-            save_reward_maps(tmp, maps, info)
+            shutil.copytree(d, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(MAPS, PREFERENCES, "*.validation.json"))
+            save(tmp)
     else:
-        save_reward_maps(d, maps, info)
+        save(d)
     return target

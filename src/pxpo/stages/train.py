@@ -45,13 +45,13 @@ def train(cfg: Config, trajectories: Path, out: Path, *, state: Path | None = No
     from ..storage import atomic_file
     from ..tracking import JsonlTracker
     from ..training.loop import run
-    from ..trajectories import load_reward_maps, load_trajectories
+    from ..trajectories import load_trajectories
     from .collaborators import loop_collaborators
 
     check_launch()
     d = Path(trajectories)
     traj = load_trajectories(d, with_images=False)
-    maps, info = load_reward_maps(d, len(traj), tuple(traj.meta["image_shape"][1:]))
+    maps, info = labelled_maps(cfg, d, traj)
     check_sampling_matches(cfg, traj.meta, d)
     if state and not (Path(state) / "pxpo_round.json").is_file():
         raise PxpoInputError(str(state), "not a trainer state directory (no pxpo_round.json)", "pass the --out of a previous `pxpo train`")
@@ -85,6 +85,34 @@ def train(cfg: Config, trajectories: Path, out: Path, *, state: Path | None = No
             w.writeheader()
             w.writerows(earlier + hist)
     return {**summary, "history": hist, "rounds": rounds}
+
+
+def labelled_maps(cfg: Config, d: Path, traj):
+    """The label stage's output for the first epoch: (maps (N, H, W), info).
+
+    Reward maps (``reward_maps.safetensors``) for the reward objectives. A preference algorithm
+    (``train.algorithm`` d3po / diffusion_dpo) reads ``preference_maps.safetensors`` (from ``pxpo label``
+    on aligned pairs or a Label Studio pairwise pull): its maps, expanded to both samples of each pair
+    (unlabelled pairs: zeros, no preference), go to the loop as ``info["preferences"]``; ``maps`` are the
+    reward maps when the directory has them (logged as the reward), else those expanded preference maps.
+    """
+    from ..config.algorithms import algorithm
+    from ..core.preference import expand_to_samples, pairs_are_aligned
+    from ..trajectories import MAPS, PREFERENCES, load_preference_maps, load_reward_maps
+
+    n, hw = len(traj), tuple(traj.meta["image_shape"][1:])
+    if not algorithm(cfg.train.algorithm).pairs:
+        return load_reward_maps(d, n, hw)
+    if "pairs" not in traj.meta:
+        raise PxpoInputError(str(d / "meta.json"), f"not sampled in aligned pairs, which train.algorithm={cfg.train.algorithm} trains on",
+                             "sample with sample.pairs=true, then label the pairs")
+    pm, pairs, pinfo = load_preference_maps(d, hw)
+    if not pairs_are_aligned(pairs, n):
+        raise PxpoInputError(str(d / PREFERENCES), f"pairs {pairs[:3].tolist()}... are not aligned pairs [2p, 2p + 1] of the {n} samples",
+                             "label the pairs of this directory (`pxpo label`, or `pxpo label-studio pull --pairs`)")
+    prefs = expand_to_samples(pm, pairs, n)
+    maps, info = load_reward_maps(d, n, hw) if (d / MAPS).is_file() else (prefs, {})
+    return maps, {**info, "preferences": prefs, "preference_source": pinfo.get("source", "people")}
 
 
 def earlier_rounds(state: Path | None) -> list[dict]:
