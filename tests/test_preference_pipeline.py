@@ -59,7 +59,7 @@ def test_local_pipeline_trains_from_model_made_preference_maps_and_registers(tmp
         "reward": {"preference_scale": 4.0},
         "train": {"algorithm": "d3po", "batch_size": 2, "use_lora": True, "learning_rate": 1e-2, "probe_every": 0},
         "evaluate": {"samples_per_prompt": 2},
-        "register": {"model_name": "pxpo-pref", "min_gain": -1.0, "max_gold_drop": 1.0},
+        "register": {"model_name": "pxpo-pref", "min_gain": -1.0},
     }
     pfile = tmp_path / "params.yaml"
     pfile.write_text(yaml.safe_dump(params))
