@@ -315,3 +315,55 @@ def test_a_person_paints_in_the_labelling_page(server, tmp_path, monkeypatch):
     assert painted.any() and (maps[0][~painted] == NEUTRAL).all()
     rows = painted.any(dim=1).nonzero().flatten()
     assert size * 0.25 < rows.float().mean() < size * 0.75  # the stroke went across the middle of the image
+
+
+def test_a_person_paints_on_image_b_of_a_pair_in_the_labelling_page(server, tmp_path, monkeypatch):
+    """Headless Chromium paints one 'good' stroke on image B of the pairwise page; pull --pairs puts -1 exactly there."""
+    import subprocess
+    import sys as _sys
+    from pathlib import Path
+
+    prereq.require((lss.ROOT / ".venv-labelstudio" / "bin" / "python").is_file(),
+                   "needs .venv-labelstudio (with selenium): bash scripts/setup-labelstudio.sh")
+    prereq.require(Path("/usr/bin/chromium").is_file() and Path("/usr/bin/chromedriver").is_file(),
+                   "needs Debian's chromium and chromedriver at /usr/bin (apt-get install chromium chromium-driver)")
+
+    from pxpo.labelstudio.client import LabelStudioClient
+    from pxpo.stages.label_studio import pull_pairs, push_pairs
+    from pxpo.trajectories import load_preference_maps
+
+    g = torch.Generator().manual_seed(2)
+    n, size = 2, 128  # no pair fields: samples 0 and 1 are pair 0 (A, B)
+    tr = Trajectories(
+        latents=torch.randn(n, 3, 4, 4, 4, generator=g), log_probs=torch.randn(n, 2, 4, 4, 4, generator=g),
+        timesteps=torch.tensor([500, 250]), prompt_embeds=torch.randn(n, 8, 16, generator=g), negative_prompt_embeds=torch.zeros(1, 8, 16),
+        prompts=["a handwritten digit 7"] * 2, seeds=[0, 0], images=quantize_images(torch.rand(n, 3, size, size, generator=g) * 0.3),
+        meta=make_meta(model_path="m", revision=None, scheduler_config={}, num_steps=2, eta=1.0, guidance_scale=3.0, negative_prompt=""),
+    )
+    save_trajectories(tr, tmp_path / "t")
+    cfg = _cfg(server, "pxpo-browser", monkeypatch, "label.pre_annotate=false")
+    s = push_pairs(cfg, tmp_path / "t")
+    client = LabelStudioClient(server.url, server.token)
+    task = client.export_tasks(s["project_id"])[0]
+    shot = tmp_path / "pairwise_page.png"
+    r = subprocess.run(
+        [str(lss.ROOT / ".venv-labelstudio" / "bin" / "python"), str(lss.ROOT / "tests" / "labelstudio_browser.py"), server.url,
+         "pxpo@example.com", "pxpo-test-password", str(s["project_id"]), str(task["id"]), str(shot), "B"],
+        capture_output=True, text=True, timeout=240,
+    )
+    print(r.stdout[-2000:], r.stderr[-3000:], file=_sys.stderr)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert shot.is_file() and shot.stat().st_size > 10_000
+    import os
+    if os.environ.get("PXPO_SCREENSHOT_DIR"):
+        __import__("shutil").copy(shot, os.environ["PXPO_SCREENSHOT_DIR"])
+    ann = client.export_tasks(s["project_id"])[0]["annotations"][0]["result"]
+    assert [(x["type"], x["from_name"], x["to_name"]) for x in ann] == [("brushlabels", "better_b", "image_b")]
+    out = pull_pairs(cfg, tmp_path / "t", out=tmp_path / "labelled")
+    assert out["annotations"] == 1
+    maps, pairs, _ = load_preference_maps(tmp_path / "labelled", (size, size))
+    assert pairs.tolist() == [[0, 1]]
+    painted = maps[0] == -GOOD  # painted 'good' on B: B better there
+    assert painted.any() and (maps[0][~painted] == 0).all()
+    rows = painted.any(dim=1).nonzero().flatten()
+    assert size * 0.25 < rows.float().mean() < size * 0.75  # the stroke went across the middle of the image
