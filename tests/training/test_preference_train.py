@@ -163,3 +163,13 @@ def test_pxpo_run_trains_from_model_made_preference_maps(tmp_path, tiny_model_di
     assert hist[1]["pref_margin"] != 0.0  # the policy has moved off its reference
     assert 0.0 <= hist[1]["pref_accuracy"] <= 1.0
     assert (tmp_path / "r" / "lora").is_dir()
+
+
+@pytest.mark.parametrize("algorithm", ["diffusion_dpo", "d3po"])
+def test_both_objectives_train_a_flow_model(tmp_path, tiny_sd3_dir, algorithm):
+    """SD3-class flow models: Diffusion-DPO on the velocity target, D3PO on the flow SDE's log-ratios."""
+    cfg = _cfg(tiny_sd3_dir, tmp_path / "f", "sample.sampler=flow_sde", "train.epochs=2", f"train.algorithm={algorithm}")
+    run(cfg, JsonlTracker(tmp_path / "f"), progress=False)
+    hist = _history(tmp_path / "f")
+    assert hist[0]["optimizer_steps"] == 2 and all(torch.isfinite(torch.tensor(h["loss"])) for h in hist)
+    assert hist[1]["pref_margin"] != 0.0
