@@ -150,7 +150,7 @@ def test_diffusion_dpo_objective_with_a_plus_one_map_is_diffusion_dpo_on_the_rea
     _assert_same_gradients(_grads(out.loss, state.params), _grads(want, state.params))
 
 
-@pytest.mark.parametrize("algorithm,extra", [("d3po", []), ("diffusion_dpo", []), ("d3po", ["train.preference_map=whole", "sample.sampler=lcm"])])
+@pytest.mark.parametrize("algorithm,extra", [("d3po", []), ("diffusion_dpo", []), ("d3po", ["train.preference_map=whole", "sample.sampler=lcm", "train.probe_every=1", "train.probe_samples=3"])])
 def test_pxpo_run_trains_from_model_made_preference_maps(tmp_path, tiny_model_dir, tiny_lcm_model_dir, algorithm, extra):
     model = tiny_lcm_model_dir if "sample.sampler=lcm" in extra else tiny_model_dir
     extra = [*extra, *(["sample.num_steps=2"] if "sample.sampler=lcm" in extra else [])]

@@ -211,7 +211,7 @@ def _probe_samples(pipe, unet, cfg, prompts, seeds) -> tuple[torch.Tensor, torch
 
     pipe.unet = unet
     with torch.no_grad():
-        traj = sample_trajectories(pipe, cfg, prompts, seeds, progress=False)
+        traj = sample_trajectories(pipe, cfg, prompts, seeds, progress=False, pairs=False)  # independent probe samples
     return traj.images.float(), traj.latents[:, -1].float()
 
 

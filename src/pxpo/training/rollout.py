@@ -46,6 +46,7 @@ def sample_trajectories(
     policy: Policy | None = None,
     compute: ComputeBatch | None = None,
     network=None,
+    pairs: bool | None = None,
 ) -> Trajectories:
     """Roll out the policy for ``prompts`` (one sample each, noise from ``seeds``).
 
@@ -57,6 +58,7 @@ def sample_trajectories(
             otherwise. Each sample's noise comes from its own seed, so the
             batching does not change the samples.
         network: what the denoiser calls instead of ``pipe.unet`` (a torch.compile'd UNet).
+        pairs: sample aligned pairs (:func:`pair_generators`); default ``sample.pairs``.
 
     Returns:
         :class:`Trajectories` with latents (N, T+1, C, h, w), log_probs
@@ -73,12 +75,13 @@ def sample_trajectories(
     neg = encode_cond(pipe, [cfg.prompts.negative_prompt], negative=True, max_sequence_length=s.max_sequence_length)
     latent_shape = (unet.config.in_channels, *latent_hw(unet.config))
 
-    if s.pairs:
+    pairs = s.pairs if pairs is None else pairs
+    if pairs:
         check_pairs(prompts)
 
     def roll(c: slice):
         cond = encode_cond(pipe, prompts[c], max_sequence_length=s.max_sequence_length)
-        gens = pair_generators(seeds, c, s.pair_shared_steps) if s.pairs else [torch.Generator().manual_seed(sd) for sd in seeds[c]]
+        gens = pair_generators(seeds, c, s.pair_shared_steps) if pairs else [torch.Generator().manual_seed(sd) for sd in seeds[c]]
         r = policy.sample(denoiser, cond, neg, latent_shape, gens, progress=progress)
         # the reward is on Rollout.final (RLCM: the last f_theta output, not the last noised sample)
         images = quantize_images(decode_latents(pipe.vae, r.final.to(device)))
@@ -96,7 +99,7 @@ def sample_trajectories(
         negative_prompt=cfg.prompts.negative_prompt,
         sampler=s.sampler,
     )
-    if s.pairs:  # samples 2p (A) and 2p + 1 (B) are pair p (docs/trajectory-format.md)
+    if pairs:  # samples 2p (A) and 2p + 1 (B) are pair p (docs/trajectory-format.md)
         meta["pairs"] = {"shared_steps": s.pair_shared_steps}
     conds = Cond.cat([p[1] for p in parts])
     neg = neg.to("cpu", torch.float32)
