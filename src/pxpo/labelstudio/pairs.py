@@ -52,7 +52,7 @@ def check_strengths(strengths: Mapping[str, float]) -> dict[str, float]:
 def label_config(strengths: Mapping[str, float]) -> str:
     """The pairwise labelling page: the prompt, then A and B side by side, a brush on each."""
     legend = ", ".join(f"{k} = {v:+g}" for k, v in strengths.items())
-    header = f"Paint on an image where it is better than the other ({legend}; on B the sign flips); unpainted = no preference"
+    header = f"Paint on A where A is better, on B where B is better ({legend}); unpainted = no preference"
 
     def column(side: str) -> str:
         control, image = SIDES[side]
