@@ -150,7 +150,7 @@ def _held_out(model_dir, policy, n=64):
     from pxpo.models import load_configured_pipeline, load_policy_into
     from pxpo.training.rollout import label_images, sample_trajectories
 
-    cfg = load_config(None, [f"model.path={model_dir}", "sample.num_steps=3", "sample.batch_size=32", "reward.kwargs={layout: all_bright}"])
+    cfg = load_config(None, [f"model.path={model_dir}", "sample.num_steps=3", "sample.batch_size=32", "reward.name=brightness_target", "reward.kwargs={layout: all_bright}"])
     pipe = load_configured_pipeline(cfg)
     if policy is not None:
         load_policy_into(pipe, str(policy))
@@ -165,7 +165,7 @@ def test_a_large_kl_coef_keeps_the_policy_near_the_reference(tiny_vae_model_dir,
     with kl_coef 1 it stays within a quarter of that distance, and the reward still rises a little."""
     from pxpo.stages.online import run_online
 
-    common = ["reward.kwargs={layout: all_bright}", "train.epochs=8", "train.learning_rate=3e-2", "sample.batch_size=16", "train.batch_size=8"]
+    common = ["reward.name=brightness_target", "reward.kwargs={layout: all_bright}", "train.epochs=8", "train.learning_rate=3e-2", "sample.batch_size=16", "train.batch_size=8"]
     runs = {}
     for coef in (0.0, 1.0):
         cfg = _cfg(tiny_vae_model_dir, tmp_path / f"kl{coef}", *common, f"train.kl_coef={coef}", "train.save_every=100")
