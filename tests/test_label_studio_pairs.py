@@ -255,6 +255,7 @@ def test_push_and_pull_pairs_through_the_stages(fake, tmp_path, capsys):
 
 
 def test_consecutive_pairs_and_stage_errors(fake, tmp_path):
+    from pxpo.core.preference import pairs_are_aligned
     from pxpo.stages.label_studio import pull_pairs, push_pairs
 
     d = _traj_dir(tmp_path, n=4, fields=False)
@@ -267,7 +268,33 @@ def test_consecutive_pairs_and_stage_errors(fake, tmp_path):
         pull_pairs(_cfg("label.missing=skip"), d)
     with pytest.raises(PxpoInputError, match=r"label.strengths"):
         push_pairs(_cfg("label.strengths={good: 2.0}"), d)
+    fake.annotate(s["project_id"], 0, [("B", _rect(0, 1, 0, 1), "better")])
+    out = pull_pairs(_cfg("label.missing=neutral"), d)  # consecutive samples: the aligned pairs [2p, 2p + 1] pxpo train expects
+    maps, pairs, info = load_preference_maps(d, (H, W))
+    assert pairs.tolist() == [[0, 1], [2, 3]] and pairs_are_aligned(pairs, 4) and info["source"] == "people" and info["pair_source"] == "consecutive"
+    assert maps[0][0, 0] == -1 and maps[0].abs().sum() == 1 and not maps[1].any()
     fake.tasks[s["project_id"]][1]["data"]["pxpo_b"] = 0  # a task that no longer matches the directory's pair
     fake.annotate(s["project_id"], 1, [("A", _rect(0, 1, 0, 1), "better")])
     with pytest.raises(PxpoInputError, match="samples 2, 0 are not pair 1"):
         pull_pairs(_cfg("label.missing=neutral"), d)
+
+
+def test_a_directory_saved_as_aligned_pairs_is_read_from_its_fields(fake, tmp_path):
+    """save_trajectories writes pair / side for a paired stage (meta "pairs"): push and pull use those fields."""
+    from dataclasses import replace
+
+    from pxpo.stages.label_studio import pull_pairs, push_pairs
+    from pxpo.trajectories import load_trajectories
+
+    src = _traj_dir(tmp_path, n=4, fields=False)
+    d = tmp_path / "paired"
+    tr = load_trajectories(src)
+    save_trajectories(replace(tr, meta={**tr.meta, "pairs": {"shared_steps": 0}}), d)
+    recs = [json.loads(x) for x in (d / "samples.jsonl").read_text().splitlines()]
+    assert [(r["pair"], r["side"]) for r in recs] == [(0, "A"), (0, "B"), (1, "A"), (1, "B")]
+    s = push_pairs(_cfg("label.pre_annotate=false"), d)
+    assert s["pair_source"] == "fields" and s["pushed"] == 2
+    fake.annotate(s["project_id"], 1, [("A", _rect(0, 12, 0, 10), "slightly")])
+    pull_pairs(_cfg("label.missing=skip"), d)
+    maps, pairs, _ = load_preference_maps(d, (H, W))
+    assert pairs.tolist() == [[2, 3]] and (maps[0] == 0.5).all()

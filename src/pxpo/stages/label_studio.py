@@ -300,7 +300,7 @@ def pull_pairs(cfg: Config, trajectories: Path, *, out: Path | None = None, vali
     stacked = torch.stack([maps.get(p, torch.zeros((h, w))) for p in order]).float()
     index = torch.tensor([members[p] for p in order], dtype=torch.long)
     info = {
-        "labeller": "label_studio", "project": title, "project_id": project["id"], "strengths": strengths,
+        "labeller": "label_studio", "source": "people", "project": title, "project_id": project["id"], "strengths": strengths,
         "rule": "per annotation clip(map_A - map_B, -1, 1), unpainted 0; annotators averaged", "pair_ids": order, "pair_source": source,
         "annotations": [counts.get(p, 0) for p in order], "missing": missing, "missing_policy": cfg.label.missing,
     }
