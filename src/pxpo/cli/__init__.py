@@ -10,6 +10,7 @@
     pxpo evaluate --policy DIR --out DIR       held-out prompts, policy vs base
     pxpo register --policy DIR --eval DIR      MLflow model version, gated champion alias
     pxpo labellers [k=v ...]                   list reward labellers and where each comes from
+    pxpo pairs import --images DIR --prefs FILE --out DIR   a team's image pairs -> trajectories for diffusion_dpo
 
 Overrides are ``section.field=value`` (YAML values), applied over params.yaml.
 Bad input exits with status 2 and one message naming the input and the fix.
@@ -44,6 +45,7 @@ COMMANDS = {
     "register": "pxpo.stages.register",
     "pipeline": "pxpo.kubeflow",
     "labellers": "pxpo.labellers",
+    "pairs import": "pxpo.stages.pairs",
 }
 
 
@@ -116,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .feedback import add_feedback_parsers
     add_feedback_parsers(sub, with_config, config_of)  # label-studio push|pull, dense-reward train
+    from .pairs import add_pairs_parsers
+    add_pairs_parsers(sub, with_config, config_of)  # pairs import
 
     t = sub.add_parser("train", help="one training pass on labelled trajectories")
     with_config(t)
@@ -193,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     from ..timing import timed
 
-    name = " ".join(a for a in (args.command, getattr(args, "base_command", None), getattr(args, "pipeline_command", None)) if a)
+    name = " ".join(a for a in (args.command, getattr(args, "base_command", None), getattr(args, "pipeline_command", None), getattr(args, "pairs_command", None)) if a)
     if args.command in ("prepare", "evaluate") or getattr(args, "validate", False):
         # Great Expectations takes ~5 s to import: let a worker process do it while the stage loads and computes
         from ..validation import start_worker

@@ -53,6 +53,9 @@ def train(cfg: Config, trajectories: Path, out: Path, *, state: Path | None = No
     traj = load_trajectories(d, with_images=False)
     maps, info = labelled_maps(cfg, d, traj)
     check_sampling_matches(cfg, traj.meta, d)
+    if "imported" in traj.meta and cfg.train.algorithm != "diffusion_dpo":  # `pxpo pairs import`: clean latents only, no sampler log-probs
+        raise PxpoInputError(str(d / "meta.json"), f"imported image pairs (no sampled trajectories) cannot train train.algorithm={cfg.train.algorithm}",
+                             "train them with train.algorithm=diffusion_dpo")
     if state and not (Path(state) / "pxpo_round.json").is_file():
         raise PxpoInputError(str(state), "not a trainer state directory (no pxpo_round.json)", "pass the --out of a previous `pxpo train`")
     rounds = rounds if rounds is not None else cfg.train.epochs
