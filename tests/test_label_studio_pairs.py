@@ -244,8 +244,10 @@ def test_push_and_pull_pairs_through_the_stages(fake, tmp_path, capsys):
     assert out["num_pairs"] == 2 and pairs.tolist() == [[1, 0], [2, 3]]
     np.testing.assert_array_equal(maps[1].double().numpy(), _expected(s2))
 
-    # the CLI: reject -> exit 2 naming the pair; --pairs with neutral -> 0
+    # the CLI: push --pairs (all there already); pull: reject -> exit 2 naming the pair; with neutral -> 0
     capsys.readouterr()
+    assert main(["label-studio", "push", "--pairs", "--trajectories", str(d), "label.project=px", f"label.strengths={json.dumps(STRENGTHS)}"]) == 0
+    assert "pushed 0 pairs (3 already there; pairs from fields) to http://fake/projects/" in capsys.readouterr().out
     assert main(["label-studio", "pull", "--pairs", "--trajectories", str(d), "label.project=px", f"label.strengths={json.dumps(STRENGTHS)}"]) == 2
     assert "pairs 1" in capsys.readouterr().err
     code = main(["label-studio", "pull", "--pairs", "--trajectories", str(d), "--out", str(tmp_path / "cli"), "label.project=px",
