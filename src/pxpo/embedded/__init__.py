@@ -11,8 +11,10 @@
 * a :class:`diffusers.UNet2DConditionModel` with cross-attention at both levels,
 
 then pretrains the VAE and the UNet + text encoder for a few CPU minutes on
-scikit-learn's 8 x 8 handwritten digits (upsampled to 16 x 16, grey on RGB) with
-prompts such as ``"a handwritten digit 7"``, and saves it with ``save_pretrained``.
+scikit-learn's 8 x 8 handwritten digits (upsampled to 16 x 16, each copy inked in a
+random colour on black) with prompts such as ``"a handwritten digit 7"`` that name no
+colour, and saves it with ``save_pretrained``. The repository versions the result
+(models/base, dvc.yaml stage ``base`` with ``cache: false``).
 Everything else in pxpo loads models through ``from_pretrained(path_or_hub_id)``,
 so this directory and a user's SD 1.x/2.x checkpoint take the same code path.
 
