@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The test suite (CPU; GPU-marked tests skip without CUDA). Extra args go to pytest.
+# The test suite (CPU; GPU-marked tests skip without CUDA), on 2+ workers (pytest-xdist). Extra args go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -38,5 +38,15 @@ if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
     echo "WARNING: no /usr/bin/chromium + /usr/bin/chromedriver (apt-get install chromium chromium-driver); the labelling page's browser test will be SKIPPED" >&2
   fi
 fi
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} TOKENIZERS_PARALLELISM=false
+# pytest-xdist (requirements-lock.txt): PXPO_TEST_WORKERS processes (default: the CPU count, at most 4), each
+# running whole test files (--dist loadfile: a file's module fixtures and servers are set up once), the slowest
+# files first (tests/conftest.py, SLOW_FIRST); one torch thread per worker (the tiny models' ops are faster on one
+# thread than on two shared ones). PXPO_TEST_WORKERS=1 runs the tests in this process, as before.
+workers=${PXPO_TEST_WORKERS:-$(n=$(nproc 2>/dev/null || echo 1); echo $((n < 4 ? n : 4)))}
+export TOKENIZERS_PARALLELISM=false
+if [ "$workers" -gt 1 ]; then
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+  exec .venv/bin/python -m pytest -q -n "$workers" --dist loadfile --no-loadscope-reorder "$@"
+fi
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 exec .venv/bin/python -m pytest -q "$@"

@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_gpu_epoch_bench_tiny_shape_writes_its_figures(tmp_path):
     out = tmp_path / "gpu_epoch.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "2", "TMPDIR": str(tmp_path), "PYTHONPATH": str(ROOT / "src")}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path), "PYTHONPATH": str(ROOT / "src")}
     cmd = [sys.executable, str(ROOT / "bench" / "gpu_epoch.py"), "--tiny", "--epochs", "2", "--repeats", "1", "--out", str(out)]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

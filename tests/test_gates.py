@@ -7,6 +7,7 @@ refused challenger's reason names only the gates that failed.
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -122,12 +123,16 @@ def test_format_summary_survives_nan_and_missing_gold():
 
 
 @pytest.fixture
-def store(tmp_path, monkeypatch):
+def store(tmp_path, monkeypatch, mlflow_template_db):
+    """A SQLite store under tmp_path/store, a copy of the session's migrated empty store (tests/conftest.py):
+    MLflow's migrations run once, not per test."""
     mlflow = prereq.import_module("mlflow", "pinned in requirements-lock.txt (bash scripts/setup.sh)")
     from pxpo.mlflow.tracking import default_tracking_uri
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "store").mkdir()
+    shutil.copyfile(mlflow_template_db, tmp_path / "store" / "mlruns.db")
     uri = default_tracking_uri(tmp_path / "store")
     yield uri
     while mlflow.active_run() is not None:

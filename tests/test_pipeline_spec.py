@@ -30,9 +30,17 @@ def normalise(text: str) -> str:
     return text
 
 
+_COMPILED: dict = {}
+
+
 def _compile(tmp_path, **opts):
-    cfg = load_config(None)
-    return compile_pipeline(cfg, tmp_path / "p.yaml", opts or None).read_text()
+    """The compiled spec of the default config with ``opts``: compiled once per set of options in this module
+    (compilation is deterministic and takes seconds; the tests only read the text)."""
+    key = repr(sorted(opts.items()))
+    if key not in _COMPILED:
+        cfg = load_config(None)
+        _COMPILED[key] = compile_pipeline(cfg, tmp_path / "p.yaml", opts or None).read_text()
+    return _COMPILED[key]
 
 
 def test_compiled_spec_matches_golden(tmp_path):
