@@ -54,7 +54,8 @@ def test_gold_gate_says_which_gold_fell_and_by_how_much():
 
 
 @pytest.mark.parametrize("override, match", [
-    (["evaluate.gold=[{name: brightness_target, kwargs: {layout: left_bright}}]"], "also the trained reward"),
+    (["reward.name=brightness_target", "reward.kwargs={layout: left_bright}",  # the trained reward named, not the default's
+      "evaluate.gold=[{name: brightness_target, kwargs: {layout: left_bright}}]"], "also the trained reward"),
     (["register.max_gold_drop=0.1"], "evaluate.gold names no gold reward"),
     (["evaluate.gold=[{name: constant}, {name: nope}]"], r"evaluate\.gold\.1\.name: unknown labeller"),
 ])
