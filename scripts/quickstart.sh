@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# The main job on the embedded default: set up, build + pretrain the tiny model
-# (cached in models/base), then the whole Kubeflow pipeline locally (kfp.local):
-# prepare -> sample -> label -> train (x pipeline.rounds) -> evaluate -> register,
-# ending with an MLflow model version and a printed summary: the trained reward, the gold
-# reward (prompt fidelity: evaluate.gold) of base and policy, and the promotion decision
+# The main job on the embedded default: set up .venv, then the whole Kubeflow pipeline locally (kfp.local):
+# prepare -> sample -> label -> train (x pipeline.rounds) -> evaluate -> register, ending with an MLflow
+# model version and a printed summary: the trained reward, the held-out reward and the gold reward
+# (prompt fidelity: evaluate.gold) of base and policy, and the promotion decision
 # (register.max_gold_drop refuses a policy that lost the prompted digit).
+# The base model is the versioned build in models/base (`pxpo base build` reuses it; --force rebuilds it).
+# Extra arguments are config overrides: `bash scripts/quickstart.sh train.kl_coef=0` trains without the KL.
 # `bash scripts/quickstart.sh online` runs the single-process loop (`pxpo run`) instead,
 # then `pxpo evaluate` (held-out reward and gold reward, base vs policy).
 set -euo pipefail
