@@ -149,6 +149,10 @@ def summarize(runs: dict, seeds: list[int]) -> dict:
         "heldout_base": base, "heldout_final_last2": final, "heldout_gain": gain, "mean_gain": mean_gain,
         "better_method": better, "level_unit": unit, "budget_pairs": budget, "pairs_to_reach": reach,
         "label_efficiency_region_over_whole": efficiency, "gain_ratio_region_over_whole": gain_ratio,
+        "heldout_peak": {k: max(smoothed(c), key=lambda x: x[1])[1] for k, c in curves.items()},  # the best 2-probe mean
+        "heldout_peak_pairs": {k: max(smoothed(c), key=lambda x: x[1])[0] for k, c in curves.items()},
+        "heldout_digit_fidelity_curve": {k: [(h["samples_seen"] // 2, h["heldout_digit_fidelity"]) for h in r["history"] if "heldout_digit_fidelity" in h]
+                                         for k, r in runs.items()},
         "train_reward_last3": {k: sum(h["reward_mean"] for h in r["history"][-3:]) / len(r["history"][-3:]) for k, r in runs.items()},
         "pref_accuracy_last3": {k: sum(h.get("pref_accuracy", float("nan")) for h in r["history"][-3:]) / len(r["history"][-3:]) for k, r in runs.items()},
         "probe_drift_pixel_l1_last": {k: next((h["probe_drift_pixel_l1"] for h in reversed(r["history"]) if "probe_drift_pixel_l1" in h), None)
@@ -197,7 +201,7 @@ def report(s: dict) -> None:
               f"train reward(last 3) {s['train_reward_last3'][k]:.4f}  pref acc {s['pref_accuracy_last3'][k]:.2f}  "
               f"drift {_f(s['probe_drift_pixel_l1_last'][k]):.3f}  digit fidelity {_f(s['heldout_digit_fidelity_base_last'][k]):.2f} -> "
               f"{_f(s['heldout_digit_fidelity_last'][k]):.2f}  ink {_f(s['heldout_ink_base_last'][k]):.3f} -> "
-              f"{_f(s['heldout_ink_last'][k]):.3f}  wall {s['wall_s'][k]:.0f}s")
+              f"{_f(s['heldout_ink_last'][k]):.3f}  peak {s['heldout_peak'][k]:.4f} at {s['heldout_peak_pairs'][k]} pairs  wall {s['wall_s'][k]:.0f}s")
     print("labelled pairs to first reach a level (2-probe mean), whole's / region's:")
     for seed, row in s["pairs_to_reach"].items():
         eff = s["label_efficiency_region_over_whole"][seed]
