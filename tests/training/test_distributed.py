@@ -37,6 +37,11 @@ TOL = 1e-5
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
 
 
+# The matrix runs without the drift probe: with its default period (5) a 2-epoch run never probes, it would only
+# sample the probe's base batch in every process of every run. The `pxpo run --processes 2` runs below keep it on.
+MATRIX = [*FAST, "train.probe_every=0"]
+
+
 def _matrix(models: dict, root: Path) -> list[tuple[str, list[str]]]:
     runs = []
     for sampler in ("ddim", "lcm"):
@@ -50,7 +55,7 @@ def _matrix(models: dict, root: Path) -> list[tuple[str, list[str]]]:
                     extra += ["sample.num_batches=2", "train.batch_size=4", "train.gradient_accumulation_steps=2"]
                 else:  # 1 M weights move together: a smaller step keeps epoch 1's 8-bit images away from rounding flips
                     extra.append("train.learning_rate=0.005")
-                runs.append((name, [*FAST, *extra]))
+                runs.append((name, [*MATRIX, *extra]))
     # Flow models (tiny SD3, LoRA): Flow-GRPO pixel-wise (with an SDE window) and scalar, DiffusionNFT pixel-wise
     # (with its velocity KL) and scalar, all with GRPO group advantages (groups of 2 of the epoch's 8 samples)
     flow = [f"model.path={models['flow_sde']}", "sample.sampler=flow_sde", "sample.group_size=2", "train.advantage_mode=group",
@@ -58,7 +63,7 @@ def _matrix(models: dict, root: Path) -> list[tuple[str, list[str]]]:
             "train.learning_rate=1.0"]  # the tiny SD3's gradients are small: lr 0.1 moves lora_B by < 1e-3 in 2 epochs
     for algorithm, extra in (("pxpo", ["sample.sde_window_start=1", "sample.sde_window_size=2"]), ("ddpo", []),
                              ("nft", ["train.kl_coef=0.5"]), ("nft_scalar", [])):
-        runs.append((f"flow_sde-{algorithm}-lora", [*FAST, *flow, f"train.algorithm={algorithm}", *extra]))
+        runs.append((f"flow_sde-{algorithm}-lora", [*MATRIX, *flow, f"train.algorithm={algorithm}", *extra]))
     return runs
 
 
