@@ -20,19 +20,22 @@ import torch
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
-# Test files that take longest (CPU seconds on 2 cores, issue 23), slowest first. Under xdist they are
+# Test files that take longest (CPU seconds measured on a shared 2-core machine, issue 23), slowest first. Under xdist they are
 # scheduled before every other file, whole; a file not named here keeps its collection order after them.
 SLOW_FIRST = (
-    "tests/test_dvc.py",
-    "tests/test_pipeline_local.py",
-    "tests/test_preference_pipeline.py",
-    "tests/training/test_distributed.py",
-    "tests/test_label_studio.py",
-    "tests/test_bench_gpu_epoch.py",
+    "tests/test_dvc.py",  # ~170 s: dvc repro runs 11 stage processes
+    "tests/training/test_distributed.py",  # ~170 s: 2-process launches
+    "tests/test_pipeline_local.py",  # ~140 s: kfp.local tasks, each a process
+    "tests/test_preference_pipeline.py",  # ~80 s: another kfp.local run
+    "tests/test_label_studio.py",  # ~70 s and a server start (mostly waiting)
     "tests/training/test_kl.py",
-    "tests/test_gold_gate.py",
     "tests/test_mlflow.py",
     "tests/embedded/test_base_build.py",
+    "tests/training/test_loop.py",
+    "tests/test_gold_gate.py",
+    "tests/test_pipeline_spec.py",
+    "tests/training/test_flow_train.py",
+    "tests/test_bench_gpu_epoch.py",
 )
 
 
