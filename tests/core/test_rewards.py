@@ -342,14 +342,24 @@ def _ink(rgb, strength=1.0):
     return img
 
 
-@pytest.mark.parametrize("strength", [1.0, 0.5, 0.1])
+@pytest.mark.parametrize("strength", [1.0, 0.5, 0.25, 0.1])
 def test_ink_colour_scores_the_colour_not_the_strength(strength):
-    fn = R.make_labeller("ink_colour", colour="red")
+    fn = R.make_labeller("ink_colour", colour="red")  # floor 0.25
     maps, _ = fn(_ink([1.0, 0.0, 0.0], strength), [""])
     assert torch.allclose(maps, torch.ones(1, 2, 2))  # red ink at any strength, and the black background, score 1
     white, _ = fn(_ink([1.0, 1.0, 1.0], strength), [""])
-    assert white[0, 0, 0].item() == pytest.approx(1 - strength)  # off by `strength` in green and blue
+    # white ink misses red by its full strength in green and blue: 0 wherever it is ink (strength >= floor),
+    # so dimming a wrong-coloured stroke does not pay; below the floor it fades towards black's 1
+    assert white[0, 0, 0].item() == pytest.approx(0.0 if strength >= 0.25 else 1 - strength / 0.25)
     assert torch.allclose(white[0].flatten()[1:], torch.ones(3))
+
+
+def test_ink_colour_floor_sets_where_hue_counts():
+    dim_white = _ink([1.0, 1.0, 1.0], 0.2)
+    assert R.make_labeller("ink_colour", floor=0.1)(dim_white, [""])[0][0, 0, 0].item() == pytest.approx(0.0)
+    assert R.make_labeller("ink_colour", floor=1.0)(dim_white, [""])[0][0, 0, 0].item() == pytest.approx(0.8)
+    with pytest.raises(PxpoInputError, match="reward.kwargs.floor"):
+        R.make_labeller("ink_colour", floor=0)
 
 
 def test_ink_colour_orders_hues_by_distance_to_the_target():

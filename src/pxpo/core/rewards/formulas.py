@@ -121,26 +121,33 @@ def _ink_target(colour: Any) -> torch.Tensor:
 
 
 @register("ink_colour")
-def ink_colour(colour: Any = "red") -> LabelFn:
-    """Ink in a target colour on a dark background, per pixel: ``1 - max_c |x_c - v * target_c|``.
+def ink_colour(colour: Any = "red", floor: float = 0.25) -> LabelFn:
+    """Ink in a target colour on a dark background, per pixel: ``1 - max_c |x_c - v target_c| / max(v, floor)``.
 
     ``v = max_c x_c`` is the pixel's ink strength (HSV value) and ``target`` the colour with its
-    brightest channel scaled to 1, so a pixel scores 1 when it is the target colour at any
-    strength (black background included) and 0 for full-strength ink of a colour that misses
-    the target by 1 in some channel (white, green or blue ink against red). Where the ink is and
-    how strong it is do not change the score: only its colour does, so the reward and the
-    prompted digit agree (the embedded default's task: its base model inks each digit in a
-    random colour).
+    brightest channel scaled to 1. Where there is ink (``v >= floor``) the score is the ink's hue
+    error alone, ``1 - max_c |x_c / v - target_c|``: 1 for the target colour, 0 for ink that misses
+    it by full strength in some channel (white, green or blue against red), the same at any
+    strength, so a dimmer stroke of the wrong colour scores no better than a bright one. Below
+    ``floor`` (background, stroke edges) the error is scaled by ``v / floor`` towards 1 for black.
+    Only recolouring the strokes raises it, which is why the reward and the prompted digit agree
+    (the embedded default's task: its base model inks each digit in a random colour); erasing a
+    stroke to near black is the one shortcut left, and a long way from the base model.
 
-    ``colour``: a name (red, green, blue, yellow, cyan, magenta, white) or an RGB list in [0, 1].
+    ``colour``: a name (red, green, blue, yellow, cyan, magenta, white) or an RGB list in [0, 1];
+    ``floor``: the ink strength in (0, 1] from which a pixel's hue counts in full.
     Shapes: ``(B, 3, H, W) -> (B, H, W)``; range ``[0, 1]``.
     """
     target = _ink_target(colour)
+    lo = _unit_float(floor, "reward.kwargs.floor")
+    if not lo > 0:
+        raise PxpoInputError("reward.kwargs.floor", f"must be in (0, 1], got {lo}", "use e.g. floor: 0.25")
 
     def fn(images: torch.Tensor, prompts: Sequence[str]) -> tuple[torch.Tensor, dict]:
         x = images.float().clamp(0, 1)
         v = x.amax(dim=1, keepdim=True)
-        maps = 1.0 - (x - v * target.to(x.device)[None, :, None, None]).abs().amax(dim=1)
+        err = (x - v * target.to(x.device)[None, :, None, None]).abs().amax(dim=1)
+        maps = 1.0 - err / v[:, 0].clamp_min(lo)
         return maps, {"mean": _per_image_mean(maps)}
 
     return fn
