@@ -41,7 +41,7 @@ def test_import_writes_the_documented_format_and_diffusion_dpo_trains_on_it(tmp_
     out = tmp_path / "traj"
     assert main(["pairs", "import", "--images", str(images), "--prefs", str(prefs), "--out", str(out), "--", *over]) == 0
     printed = capsys.readouterr().out
-    assert "imported 3 pairs (1 preference maps, 2 whole-image" in printed and "sample.batch_size=6" in printed, printed
+    assert "imported 3 pairs (1 preference maps, 2 whole-image" in printed and "sample.pairs=true sample.batch_size=6 sample.num_batches=1" in printed, printed
 
     traj = load_trajectories(out)
     assert len(traj) == 6 and traj.prompts == [r["prompt"] for r in recs for _ in range(2)]
@@ -114,3 +114,30 @@ def test_bad_input_names_the_file_field_and_fix_and_writes_nothing(tmp_path, tin
     err = capsys.readouterr().err
     assert expect in err and f"{prefs}" in err and "Fix:" in err, err
     assert not out.exists() and not list(tmp_path.glob(".traj*"))
+
+
+def test_import_encodes_with_a_flow_models_vae_and_diffusion_dpo_trains_it(tmp_path, tiny_sd3_dir):
+    """SD3-class (flow) models: latents are (z - shift_factor) x scaling_factor of the model's VAE; Diffusion-DPO on the velocity."""
+    from pxpo.models import load_pipeline
+    from pxpo.trajectories import load_trajectories
+
+    from pxpo.core.sampling import latent_hw
+
+    pipe = load_pipeline(str(tiny_sd3_dir), sampler="flow_sde")
+    h, _ = latent_hw(pipe.unet.config)
+    size = h * pipe.vae_scale_factor
+    images, prefs, _ = _pairs(tmp_path, size=size, n=2)
+    over = [f"model.path={tiny_sd3_dir}", "sample.sampler=flow_sde", *TINY]
+    out = tmp_path / "traj"
+    assert main(["pairs", "import", "--images", str(images), "--prefs", str(prefs), "--out", str(out), "--", *over]) == 0
+    traj = load_trajectories(out)
+    assert traj.pooled_prompt_embeds is not None and traj.meta["sampler"] == "flow_sde"
+    with torch.no_grad():
+        z = pipe.vae.encode(traj.images[:1] * 2 - 1).latent_dist.mean
+    want = (z - (pipe.vae.config.shift_factor or 0)) * pipe.vae.config.scaling_factor
+    assert torch.allclose(traj.latents[:1, -1], want, atol=1e-5)
+    pol = tmp_path / "policy"
+    assert main(["train", "--trajectories", str(out), "--out", str(pol), "--rounds", "1", "--", *over, "train.algorithm=diffusion_dpo",
+                 "sample.pairs=true", "sample.batch_size=4", "sample.num_batches=1"]) == 0
+    hist = [json.loads(x) for x in (pol / "metrics.jsonl").read_text().splitlines()]
+    assert hist[0]["optimizer_steps"] == 2 and np.isfinite(hist[0]["loss"])

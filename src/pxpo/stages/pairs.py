@@ -181,7 +181,8 @@ def import_pairs(cfg: Config, images: Path, prefs: Path, out: Path, *, resize: b
     """Write the trajectory directory ``out`` of the pairs in ``prefs`` (module docstring).
 
     Returns ``{"num_pairs", "num_maps", "num_whole", "preference_mean", "out", "image_hw", "train_overrides"}``
-    (``train_overrides``: the ``sample.*`` settings ``pxpo train`` needs for one epoch of these pairs).
+    (``train_overrides``: the settings ``pxpo train`` needs for one epoch of these pairs: ``sample.*``, and a
+    ``train.batch_size`` dividing the samples when the config's does not).
     """
     from ..core.policies import make_policy
     from ..core.policy import Cond
@@ -234,7 +235,10 @@ def import_pairs(cfg: Config, images: Path, prefs: Path, out: Path, *, resize: b
     with atomic_dir(Path(out)) as tmp:  # the trajectories and their maps appear together or not at all
         save_trajectories(traj, tmp)  # (itself atomic: replaces the empty tmp with the complete directory)
         save_preference_maps(tmp, pm, aligned_pairs(n), info)
+    train_over = ["sample.pairs=true", f"sample.batch_size={n}", "sample.num_batches=1"]
+    if n % cfg.train.batch_size:  # the largest even micro-batch up to train.batch_size that divides the pairs' samples
+        train_over.append(f"train.batch_size={max(b for b in range(2, max(2, cfg.train.batch_size) + 1, 2) if n % b == 0)}")
     return {
         "num_pairs": len(records), "num_maps": n_maps, "num_whole": len(records) - n_maps, "preference_mean": float(pm.mean()),
-        "out": str(out), "image_hw": list(hw), "train_overrides": [f"sample.batch_size={n}", "sample.num_batches=1"],
+        "out": str(out), "image_hw": list(hw), "train_overrides": train_over,
     }
