@@ -12,6 +12,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} TOKENIZERS_PARALLELISM=false
+# Every kfp.local task is a new Python process importing torch/diffusers/mlflow: with bytecode writing
+# off (some shells export PYTHONDONTWRITEBYTECODE=1) each one compiles them again (~13 CPU-s a process).
+unset PYTHONDONTWRITEBYTECODE
 .venv/bin/pxpo base build --out models/base
 if [ "${1:-pipeline}" = "online" ]; then
   shift
