@@ -111,9 +111,7 @@ def pull(cfg: Config, trajectories: Path, *, out: Path | None = None, validate: 
     h, w = (int(v) for v in traj.meta["image_shape"][1:])
     key = artifact_key(d)
     client = _client(cfg)
-    project = client.find_project(cfg.label.project)
-    if project is None:
-        raise PxpoInputError(f"Label Studio project {cfg.label.project!r}", f"not found at {client.url}", "run `pxpo label-studio push` first")
+    project = _existing_project(client, cfg.label.project, "pxpo label-studio push")
     maps: dict[int, torch.Tensor] = {}
     counts: dict[int, int] = {}
     for task in client.export_tasks(project["id"]):
@@ -124,10 +122,7 @@ def pull(cfg: Config, trajectories: Path, *, out: Path | None = None, validate: 
         m, k = task_map(task, cfg.label.strengths, cfg.label.neutral, h, w, where=f"Label Studio task {task.get('id')} (sample {i})")
         if m is None:
             continue
-        if i in maps:  # the same sample pushed twice by hand: pool the annotations
-            m = (maps[i] * counts[i] + m * k) / (counts[i] + k)
-            k += counts[i]
-        maps[i], counts[i] = m, k
+        _pool(maps, counts, i, m, k)  # the same sample pushed twice by hand: pool the annotations
     missing = [i for i in range(n) if i not in maps]
     keep = None
     if missing and cfg.label.missing == "reject":
@@ -267,9 +262,7 @@ def pull_pairs(cfg: Config, trajectories: Path, *, out: Path | None = None, vali
     key = artifact_key(d)
     client = _client(cfg)
     title = pairs_project(cfg)
-    project = client.find_project(title)
-    if project is None:
-        raise PxpoInputError(f"Label Studio project {title!r}", f"not found at {client.url}", "run `pxpo label-studio push --pairs` first")
+    project = _existing_project(client, title, "pxpo label-studio push --pairs")
     maps: dict[int, torch.Tensor] = {}
     counts: dict[int, int] = {}
     for task in client.export_tasks(project["id"]):
@@ -283,10 +276,7 @@ def pull_pairs(cfg: Config, trajectories: Path, *, out: Path | None = None, vali
         m, k = task_preference(task, strengths, h, w, where=where)
         if m is None:
             continue
-        if p in maps:  # the same pair pushed twice by hand: pool the annotations
-            m = (maps[p] * counts[p] + m * k) / (counts[p] + k)
-            k += counts[p]
-        maps[p], counts[p] = m, k
+        _pool(maps, counts, p, m, k)  # the same pair pushed twice by hand: pool the annotations
     missing = [p for p, _, _ in pairs if p not in maps]
     if missing and cfg.label.missing == "reject":
         shown = ", ".join(map(str, missing[:20])) + (" ..." if len(missing) > 20 else "")
@@ -322,3 +312,19 @@ def pull_pairs(cfg: Config, trajectories: Path, *, out: Path | None = None, vali
         result.save(report_path(report, target / "preference_maps"))
     return {"num_pairs": len(order), "annotated": len(maps), "annotations": sum(counts.values()), "missing": missing,
             "preference_mean": stacked.mean().item(), "out": str(target)}
+
+
+def _existing_project(client, title: str, push_command: str) -> dict:
+    """The Label Studio project named ``title``; a clear error when nobody pushed it yet."""
+    project = client.find_project(title)
+    if project is None:
+        raise PxpoInputError(f"Label Studio project {title!r}", f"not found at {client.url}", f"run `{push_command}` first")
+    return project
+
+
+def _pool(maps: dict, counts: dict, key: int, m: torch.Tensor, k: int) -> None:
+    """Add map ``m`` (H, W), the mean of ``k`` annotations, to ``maps[key]``: the annotation-weighted mean of all so far."""
+    if key in maps:
+        m = (maps[key] * counts[key] + m * k) / (counts[key] + k)
+        k += counts[key]
+    maps[key], counts[key] = m, k
