@@ -7,8 +7,6 @@ import io
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -18,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from servers import free_port, stop
 import torch
 
 import prereq
@@ -446,26 +445,7 @@ def test_register_refuses_promotion_beyond_max_drift(store, tmp_path, tiny_model
 # ----- a real tracking server --------------------------------------------------------
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _stop(proc):
-    """SIGTERM the server's process group; SIGKILL what is left after 5 s."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # workers that outlived the parent
-    except ProcessLookupError:
-        pass
-    if proc.poll() is None:
-        proc.wait(timeout=10)
+_free_port, _stop = free_port, stop  # tests/servers.py
 
 
 SERVER_TEST = "test_real_server"

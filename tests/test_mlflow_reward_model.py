@@ -6,8 +6,6 @@ dead server leaves the earlier maps intact."""
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from servers import free_port, stop
 import torch
 
 import prereq  # noqa: E402
@@ -87,26 +86,7 @@ def test_logging_checks_the_labeller_first(tmp_path):
 # ----- served by the real `mlflow models serve` ---------------------------------------
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _stop(proc):
-    """SIGTERM the server's process group (mlflow -> uvicorn); SIGKILL what is left after 5 s."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # workers that outlived the parent
-    except ProcessLookupError:
-        pass
-    if proc.poll() is None:
-        proc.wait(timeout=10)
+_free_port, _stop = free_port, stop  # tests/servers.py
 
 
 def _serve(model_uri: str, tracking_uri: str, d: Path):
