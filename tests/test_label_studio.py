@@ -262,46 +262,55 @@ def test_config_json_roundtrip_of_strengths():
     assert json.loads(json.dumps(cfg.label.strengths)) == {"good": 2.0, "meh": 0.5, "bad": -1.0}
 
 
-def test_a_person_paints_in_the_labelling_page(server, tmp_path, monkeypatch):
-    """Headless Chromium logs in, paints one 'good' stroke on the labelling page and submits; pull sees it."""
+def _dark_trajectories(d, n: int, size: int, seed: int) -> None:
+    """n dark random size x size images of one prompt saved as a trajectory directory at d (no pair fields)."""
+    g = torch.Generator().manual_seed(seed)
+    tr = Trajectories(
+        latents=torch.randn(n, 3, 4, 4, 4, generator=g), log_probs=torch.randn(n, 2, 4, 4, 4, generator=g),
+        timesteps=torch.tensor([500, 250]), prompt_embeds=torch.randn(n, 8, 16, generator=g), negative_prompt_embeds=torch.zeros(1, 8, 16),
+        prompts=["a handwritten digit 7"] * n, seeds=[0] * n, images=quantize_images(torch.rand(n, 3, size, size, generator=g) * 0.3),
+        meta=make_meta(model_path="m", revision=None, scheduler_config={}, num_steps=2, eta=1.0, guidance_scale=3.0, negative_prompt=""),
+    )
+    save_trajectories(tr, d)
+
+
+def _paint_in_browser(server, project_id: int, task_id: int, shot, *side: str) -> None:
+    """tests/labelstudio_browser.py (.venv-labelstudio's python: selenium; Debian's chromium + chromedriver) paints one
+    'good' stroke on the task's page (on image ``side`` of a pairwise page) and submits; the screenshot must exist."""
+    import os
+    import shutil
     import subprocess
     import sys as _sys
     from pathlib import Path
 
-    # tests/labelstudio_browser.py runs with .venv-labelstudio's python (selenium) and Debian's chromium + chromedriver
     prereq.require((lss.ROOT / ".venv-labelstudio" / "bin" / "python").is_file(),
                    "needs .venv-labelstudio (with selenium): bash scripts/setup-labelstudio.sh")
     prereq.require(Path("/usr/bin/chromium").is_file() and Path("/usr/bin/chromedriver").is_file(),
                    "needs Debian's chromium and chromedriver at /usr/bin (apt-get install chromium chromium-driver)")
-
-    from pxpo.labelstudio.client import LabelStudioClient
-    from pxpo.stages.label_studio import pull, push
-
-    g = torch.Generator().manual_seed(1)
-    n, size = 1, 128
-    tr = Trajectories(
-        latents=torch.randn(n, 3, 4, 4, 4, generator=g), log_probs=torch.randn(n, 2, 4, 4, 4, generator=g),
-        timesteps=torch.tensor([500, 250]), prompt_embeds=torch.randn(n, 8, 16, generator=g), negative_prompt_embeds=torch.zeros(1, 8, 16),
-        prompts=["a handwritten digit 7"], seeds=[0], images=quantize_images(torch.rand(n, 3, size, size, generator=g) * 0.3),
-        meta=make_meta(model_path="m", revision=None, scheduler_config={}, num_steps=2, eta=1.0, guidance_scale=3.0, negative_prompt=""),
-    )
-    save_trajectories(tr, tmp_path / "t")
-    cfg = _cfg(server, "pxpo-browser", monkeypatch, "label.pre_annotate=false")
-    s = push(cfg, tmp_path / "t")
-    client = LabelStudioClient(server.url, server.token)
-    task = client.export_tasks(s["project_id"])[0]
-    shot = tmp_path / "labelling_page.png"
     r = subprocess.run(
         [str(lss.ROOT / ".venv-labelstudio" / "bin" / "python"), str(lss.ROOT / "tests" / "labelstudio_browser.py"), server.url,
-         "pxpo@example.com", "pxpo-test-password", str(s["project_id"]), str(task["id"]), str(shot)],
+         "pxpo@example.com", "pxpo-test-password", str(project_id), str(task_id), str(shot), *side],
         capture_output=True, text=True, timeout=240,
     )
     print(r.stdout[-2000:], r.stderr[-3000:], file=_sys.stderr)
     assert r.returncode == 0, r.stderr[-3000:]
     assert shot.is_file() and shot.stat().st_size > 10_000
-    import os
     if os.environ.get("PXPO_SCREENSHOT_DIR"):
-        __import__("shutil").copy(shot, os.environ["PXPO_SCREENSHOT_DIR"])
+        shutil.copy(shot, os.environ["PXPO_SCREENSHOT_DIR"])
+
+
+def test_a_person_paints_in_the_labelling_page(server, tmp_path, monkeypatch):
+    """Headless Chromium logs in, paints one 'good' stroke on the labelling page and submits; pull sees it."""
+    from pxpo.labelstudio.client import LabelStudioClient
+    from pxpo.stages.label_studio import pull, push
+
+    size = 128
+    _dark_trajectories(tmp_path / "t", 1, size, seed=1)
+    cfg = _cfg(server, "pxpo-browser", monkeypatch, "label.pre_annotate=false")
+    s = push(cfg, tmp_path / "t")
+    client = LabelStudioClient(server.url, server.token)
+    task = client.export_tasks(s["project_id"])[0]
+    _paint_in_browser(server, s["project_id"], task["id"], tmp_path / "labelling_page.png")
     ann = client.export_tasks(s["project_id"])[0]["annotations"][0]["result"]
     assert [r["type"] for r in ann] == ["brushlabels"] and set(ann[0]) == set(_web_page_result(np.zeros((2, 2), bool), "good"))
     from label_studio_sdk.converter import brush
@@ -319,44 +328,17 @@ def test_a_person_paints_in_the_labelling_page(server, tmp_path, monkeypatch):
 
 def test_a_person_paints_on_image_b_of_a_pair_in_the_labelling_page(server, tmp_path, monkeypatch):
     """Headless Chromium paints one 'good' stroke on image B of the pairwise page; pull --pairs puts -1 exactly there."""
-    import subprocess
-    import sys as _sys
-    from pathlib import Path
-
-    prereq.require((lss.ROOT / ".venv-labelstudio" / "bin" / "python").is_file(),
-                   "needs .venv-labelstudio (with selenium): bash scripts/setup-labelstudio.sh")
-    prereq.require(Path("/usr/bin/chromium").is_file() and Path("/usr/bin/chromedriver").is_file(),
-                   "needs Debian's chromium and chromedriver at /usr/bin (apt-get install chromium chromium-driver)")
-
     from pxpo.labelstudio.client import LabelStudioClient
     from pxpo.stages.label_studio import pull_pairs, push_pairs
     from pxpo.trajectories import load_preference_maps
 
-    g = torch.Generator().manual_seed(2)
-    n, size = 2, 128  # no pair fields: samples 0 and 1 are pair 0 (A, B)
-    tr = Trajectories(
-        latents=torch.randn(n, 3, 4, 4, 4, generator=g), log_probs=torch.randn(n, 2, 4, 4, 4, generator=g),
-        timesteps=torch.tensor([500, 250]), prompt_embeds=torch.randn(n, 8, 16, generator=g), negative_prompt_embeds=torch.zeros(1, 8, 16),
-        prompts=["a handwritten digit 7"] * 2, seeds=[0, 0], images=quantize_images(torch.rand(n, 3, size, size, generator=g) * 0.3),
-        meta=make_meta(model_path="m", revision=None, scheduler_config={}, num_steps=2, eta=1.0, guidance_scale=3.0, negative_prompt=""),
-    )
-    save_trajectories(tr, tmp_path / "t")
+    size = 128
+    _dark_trajectories(tmp_path / "t", 2, size, seed=2)  # no pair fields: samples 0 and 1 are pair 0 (A, B)
     cfg = _cfg(server, "pxpo-browser", monkeypatch, "label.pre_annotate=false")
     s = push_pairs(cfg, tmp_path / "t")
     client = LabelStudioClient(server.url, server.token)
     task = client.export_tasks(s["project_id"])[0]
-    shot = tmp_path / "pairwise_page.png"
-    r = subprocess.run(
-        [str(lss.ROOT / ".venv-labelstudio" / "bin" / "python"), str(lss.ROOT / "tests" / "labelstudio_browser.py"), server.url,
-         "pxpo@example.com", "pxpo-test-password", str(s["project_id"]), str(task["id"]), str(shot), "B"],
-        capture_output=True, text=True, timeout=240,
-    )
-    print(r.stdout[-2000:], r.stderr[-3000:], file=_sys.stderr)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert shot.is_file() and shot.stat().st_size > 10_000
-    import os
-    if os.environ.get("PXPO_SCREENSHOT_DIR"):
-        __import__("shutil").copy(shot, os.environ["PXPO_SCREENSHOT_DIR"])
+    _paint_in_browser(server, s["project_id"], task["id"], tmp_path / "pairwise_page.png", "B")
     ann = client.export_tasks(s["project_id"])[0]["annotations"][0]["result"]
     assert [(x["type"], x["from_name"], x["to_name"]) for x in ann] == [("brushlabels", "better_b", "image_b")]
     out = pull_pairs(cfg, tmp_path / "t", out=tmp_path / "labelled")
