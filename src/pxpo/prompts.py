@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import PxpoInputError
+from .storage import jsonl_objects
 
 DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
@@ -45,13 +45,7 @@ def load_weighted_prompts(source: str, split: str = "train") -> tuple[list[str],
     prompts: list[str] = []
     weights: list[float] = []
     if p.suffix == ".jsonl":
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise PxpoInputError(f"{p}:{n}", f"not valid JSON ({e.msg})", "write one JSON object per line") from None
+        for n, obj in jsonl_objects(text, p, "write one JSON object per line"):
             if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str) or not obj["prompt"].strip():
                 raise PxpoInputError(
                     f"{p}:{n}", "missing a non-empty string field 'prompt'", 'write lines like {"prompt": "a cat"}'

@@ -66,3 +66,20 @@ def replace_dir(tmp: Path, target: Path) -> None:
     os.replace(tmp, target)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def jsonl_objects(text: str, where: str | Path, fix: str) -> Iterator[tuple[int, object]]:
+    """Each non-blank line of a JSON Lines text as ``(line number, parsed value)``.
+
+    A line that is not valid JSON raises :class:`pxpo.errors.PxpoInputError` naming
+    ``<where>:<line>``, the parser's message and ``fix``; callers check the values' shape.
+    """
+    from .errors import PxpoInputError
+
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            yield n, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise PxpoInputError(f"{where}:{n}", f"not valid JSON ({e.msg})", fix) from None

@@ -33,7 +33,6 @@ constant). The directory is written whole or not at all.
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +40,7 @@ import torch
 
 from ..config import Config
 from ..errors import PxpoInputError
+from ..storage import jsonl_objects
 
 FIELDS = ("prompt", "a", "b", "preference", "map")
 WORDS = {"a": 1.0, "b": -1.0, "tie": 0.0, "none": 0.0}
@@ -62,13 +62,7 @@ def read_prefs(path: Path) -> list[dict]:
         for i, r in enumerate(reader, 2):
             rows.append((f"{path}:{i}", {k: v for k, v in r.items() if k in FIELDS and v not in (None, "")}))
     elif path.suffix.lower() in (".jsonl", ".ndjson"):
-        for i, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise PxpoInputError(f"{path}:{i}", f"not valid JSON ({e.msg})", fix) from None
+        for i, r in jsonl_objects(text, path, fix):
             if not isinstance(r, dict):
                 raise PxpoInputError(f"{path}:{i}", f"a {type(r).__name__}, not an object", fix)
             rows.append((f"{path}:{i}", {k: v for k, v in r.items() if k in FIELDS and v is not None}))
