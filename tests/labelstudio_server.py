@@ -3,6 +3,12 @@
 The server's environment (Django and its pinned web stack) is kept out of pxpo's:
 ``scripts/setup-labelstudio.sh`` creates ``.venv-labelstudio``; ``PXPO_LABEL_STUDIO_BIN``
 points at another ``label-studio`` executable.
+
+A fresh data directory costs ~40 CPU-s of Django migrations at the first start, against ~4 s for a migrated
+one. ``scripts/setup-labelstudio.sh`` therefore runs ``python tests/labelstudio_server.py --template`` once
+per environment: a real start on an empty directory (migrations, the test user and its token), stopped and
+kept as ``<env>/pxpo-empty-data``. :func:`start` copies it into the throwaway data dir when it is there (and
+migrates from nothing when it is not). Only the standard library is imported here, so any Python runs it.
 """
 
 from __future__ import annotations
@@ -40,9 +46,39 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(data_dir: Path, timeout: float = 300.0) -> Server:
+def template_dir(exe: Path) -> Path:
+    """The migrated empty data directory kept beside the environment of ``exe`` (``<env>/bin/label-studio``)."""
+    return exe.resolve().parent.parent / "pxpo-empty-data"
+
+
+def make_template() -> Path:
+    """Start the server once on an empty data dir (migrations, the test user), stop it, keep the dir (atomically)."""
+    import shutil
+    import tempfile
+
     exe = label_studio_bin()
     assert exe is not None, "no label-studio executable (bash scripts/setup-labelstudio.sh)"
+    final = template_dir(exe)
+    work = Path(tempfile.mkdtemp(prefix=".pxpo-empty-data-", dir=final.parent))
+    try:
+        server = start(work, template=False)
+        stop(server)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(work / "data", final)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return final
+
+
+def start(data_dir: Path, timeout: float = 300.0, template: bool = True) -> Server:
+    """A server on a free localhost port with its data in ``data_dir/data`` (a copy of the migrated template
+    when ``template`` and it exists)."""
+    exe = label_studio_bin()
+    assert exe is not None, "no label-studio executable (bash scripts/setup-labelstudio.sh)"
+    if template and template_dir(exe).is_dir() and not (data_dir / "data").exists():
+        import shutil
+
+        shutil.copytree(template_dir(exe), data_dir / "data")
     port = _free_port()
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith(("VIRTUAL_ENV", "PYTHON"))},
@@ -76,7 +112,7 @@ def start(data_dir: Path, timeout: float = 300.0) -> Server:
                     return Server(url, TOKEN, proc, log, time.monotonic() - t0)
         except OSError:
             pass
-        time.sleep(1.0)
+        time.sleep(0.5)
     stop(Server(url, TOKEN, proc, log, 0.0))
     raise RuntimeError(f"label-studio did not answer within {timeout:.0f} s:\n{log.read_text()[-3000:]}")
 
@@ -92,3 +128,12 @@ def stop(server: Server) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(server.proc.pid, signal.SIGKILL)
             server.proc.wait(timeout=10)
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] != ["--template"]:
+        sys.exit("usage: python tests/labelstudio_server.py --template   (the migrated empty data dir; see the docstring)")
+    t0 = time.monotonic()
+    print(f"Label Studio: migrated empty data dir {make_template()} in {time.monotonic() - t0:.0f} s")
