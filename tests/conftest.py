@@ -25,8 +25,7 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 SLOW_FIRST = (
     "tests/test_dvc.py",  # ~170 s: dvc repro runs 11 stage processes
     "tests/training/test_distributed.py",  # ~170 s: 2-process launches
-    "tests/test_pipeline_local.py",  # ~140 s: kfp.local tasks, each a process
-    "tests/test_preference_pipeline.py",  # ~80 s: another kfp.local run
+    "tests/test_pipeline_local.py",  # ~170 s: two kfp.local pipelines (the default, region-level preferences), each task a process
     "tests/test_label_studio.py",  # ~70 s and a server start (mostly waiting)
     "tests/training/test_kl.py",
     "tests/test_mlflow.py",

@@ -1,18 +1,30 @@
-"""`pxpo pipeline run --local`: the whole Kubeflow DAG on this machine with kfp.local, on the tiny model."""
+"""`pxpo pipeline run --local`: the whole Kubeflow DAG on this machine with kfp.local, on the tiny model.
+
+The default pipeline and the region-level preference pipeline (issue 24) run in one workdir, as a team's
+runs would: the second pipeline's base-model and prepare tasks (the same model and prompts) come from the
+first one's kfp.local cache.
+"""
 
 import json
 from pathlib import Path
 
 import pytest
 import yaml
+from safetensors.torch import load_file
 
 from pxpo.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """One ``--workdir`` (kfp.local cache, outputs, MLflow store) for this file's pipeline runs."""
+    return tmp_path_factory.mktemp("kfp") / "w"
+
+
 @pytest.mark.slow
-def test_local_pipeline_registers_a_champion(tmp_path, tiny_model_dir, monkeypatch, capsys):
+def test_local_pipeline_registers_a_champion(tmp_path, workdir, tiny_model_dir, monkeypatch, capsys):
     monkeypatch.chdir(ROOT)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     # issue 22: a team's own reward function by `module:function`, outside pxpo, through every kfp.local task
@@ -39,7 +51,7 @@ def test_local_pipeline_registers_a_champion(tmp_path, tiny_model_dir, monkeypat
     pfile = tmp_path / "params.yaml"
     pfile.write_text(yaml.safe_dump(params))
     code = main(
-        ["pipeline", "run", "--local", "--params", str(pfile), "--rounds", "2", "--workdir", str(tmp_path / "w"),
+        ["pipeline", "run", "--local", "--params", str(pfile), "--rounds", "2", "--workdir", str(workdir),
          "--model-ref", str(tiny_model_dir), "--prompts-uri", str(ROOT / "data" / "prompts.csv")]
     )
     out = capsys.readouterr().out
@@ -59,7 +71,7 @@ def test_local_pipeline_registers_a_champion(tmp_path, tiny_model_dir, monkeypat
     full = (log_dir / "pipeline.log").read_text()
     assert "Got executor_input" in full and "params_train" in full  # the full logs are in the files
     assert len(list(log_dir.glob("*.log"))) == 11  # 10 tasks + pipeline.log
-    root = tmp_path / "w" / "kfp_outputs"
+    root = workdir / "kfp_outputs"
     evals = list(root.rglob("evaluation/metrics.json"))
     assert evals and "reward_mean" in json.loads(evals[0].read_text())
     trains = sorted(root.rglob("policy/pxpo_round.json"))
@@ -68,7 +80,7 @@ def test_local_pipeline_registers_a_champion(tmp_path, tiny_model_dir, monkeypat
     import mlflow
     from mlflow import MlflowClient
 
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'w' / 'mlflow' / 'mlflow.db'}")
+    mlflow.set_tracking_uri(f"sqlite:///{workdir / 'mlflow' / 'mlflow.db'}")
     client = MlflowClient()
     mv = client.get_model_version_by_alias("pxpo-test", "champion")
     assert str(mv.version) == "1"
@@ -95,7 +107,7 @@ def test_local_pipeline_registers_a_champion(tmp_path, tiny_model_dir, monkeypat
     pfile.write_text(yaml.safe_dump(params))
     runs_before = set(root.iterdir())
     code = main(
-        ["pipeline", "run", "--local", "--params", str(pfile), "--rounds", "2", "--workdir", str(tmp_path / "w"),
+        ["pipeline", "run", "--local", "--params", str(pfile), "--rounds", "2", "--workdir", str(workdir),
          "--model-ref", str(tiny_model_dir), "--prompts-uri", str(ROOT / "data" / "prompts.csv")]
     )
     out = capsys.readouterr().out
@@ -104,6 +116,48 @@ def test_local_pipeline_registers_a_champion(tmp_path, tiny_model_dir, monkeypat
     (second,) = set(root.iterdir()) - runs_before
     assert sorted(p.name for p in second.iterdir()) == ["register"]  # every other task was a cache hit
     assert str(client.get_model_version_by_alias("pxpo-test", "champion").version) == "1"  # margin 100: not promoted
+
+
+
+@pytest.mark.slow
+def test_local_pipeline_trains_from_model_made_preference_maps_and_registers(workdir, tiny_model_dir, monkeypatch, capsys):
+    """Issue 24 through kfp.local: paired sampling, model-made preference maps, D3PO, evaluation, registration.
+    After the default pipeline above (same workdir), base-model and prepare are cache hits; run alone, they run."""
+    monkeypatch.chdir(ROOT)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    params = {
+        "sample": {"batch_size": 4, "num_steps": 3, "pairs": True, "pair_shared_steps": 1},
+        "reward": {"preference_scale": 4.0},
+        "train": {"algorithm": "d3po", "batch_size": 2, "use_lora": True, "learning_rate": 1e-2, "probe_every": 0},
+        "evaluate": {"samples_per_prompt": 2},
+        "register": {"model_name": "pxpo-pref", "min_gain": -1.0},
+    }
+    pfile = workdir.parent / "params-pref.yaml"
+    pfile.write_text(yaml.safe_dump(params))
+    root = workdir / "kfp_outputs"
+    before = set(root.iterdir()) if root.exists() else set()
+    code = main(["pipeline", "run", "--local", "--params", str(pfile), "--rounds", "1", "--workdir", str(workdir),
+                 "--model-ref", str(tiny_model_dir), "--prompts-uri", str(ROOT / "data" / "prompts.csv")])
+    out = capsys.readouterr().out
+    assert code == 0, out[-3000:]
+    assert "registered pxpo-pref v1" in out, out
+    if before:  # after the default pipeline: its base-model and prepare outputs are reused, nothing else is
+        cached = sorted(ln.split()[1] for ln in out.splitlines() if ln.startswith("[") and " CACHED " in ln)
+        assert cached == ["base-model", "prepare"], out
+    (run,) = set(root.iterdir()) - before
+    prefs = list(run.rglob("preference_maps.safetensors"))
+    assert prefs and load_file(str(prefs[0]))["pairs"].shape == (2, 2)  # the label task's model-made maps
+    evals = list(run.rglob("evaluation/metrics.json"))
+    assert evals and "pref_accuracy" in json.loads(evals[0].read_text())
+
+    import mlflow
+    from mlflow import MlflowClient
+
+    mlflow.set_tracking_uri(f"sqlite:///{workdir / 'mlflow' / 'mlflow.db'}")
+    client = MlflowClient()
+    (mv,) = client.search_model_versions("name='pxpo-pref'")
+    logged = set(client.get_run(mv.run_id).data.metrics)
+    assert {"train.pref_accuracy", "pref_accuracy"} <= logged, sorted(logged)
 
 
 def _kfp_stream(task, status="SUCCESS", summary="did it", body=("noise",)):

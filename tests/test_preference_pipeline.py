@@ -1,11 +1,9 @@
-"""Region-level preferences through the one CLI (sample pairs -> label -> train -> evaluate) and kfp.local (issue 24)."""
+"""Region-level preferences through the one CLI (sample pairs -> label -> train -> evaluate) (issue 24).
+
+The same through kfp.local: tests/test_pipeline_local.py (it shares the default pipeline's workdir and cache)."""
 
 import json
 from pathlib import Path
-
-import pytest
-import yaml
-from safetensors.torch import load_file
 
 from pxpo.cli import main
 
@@ -49,36 +47,3 @@ def test_staged_cli_samples_pairs_labels_preference_maps_and_trains(tmp_path, ti
     metrics = json.loads((ev / "metrics.json").read_text())
     assert 0 <= metrics["pref_accuracy"] <= 1 and metrics["pref_pairs"] == metrics["num_samples"] // 2
 
-
-@pytest.mark.slow
-def test_local_pipeline_trains_from_model_made_preference_maps_and_registers(tmp_path, tiny_model_dir, monkeypatch, capsys):
-    monkeypatch.chdir(ROOT)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    params = {
-        "sample": {"batch_size": 4, "num_steps": 3, "pairs": True, "pair_shared_steps": 1},
-        "reward": {"preference_scale": 4.0},
-        "train": {"algorithm": "d3po", "batch_size": 2, "use_lora": True, "learning_rate": 1e-2, "probe_every": 0},
-        "evaluate": {"samples_per_prompt": 2},
-        "register": {"model_name": "pxpo-pref", "min_gain": -1.0},
-    }
-    pfile = tmp_path / "params.yaml"
-    pfile.write_text(yaml.safe_dump(params))
-    code = main(["pipeline", "run", "--local", "--params", str(pfile), "--rounds", "1", "--workdir", str(tmp_path / "w"),
-                 "--model-ref", str(tiny_model_dir), "--prompts-uri", str(ROOT / "data" / "prompts.csv")])
-    out = capsys.readouterr().out
-    assert code == 0, out[-3000:]
-    assert "registered pxpo-pref v1" in out, out
-    root = tmp_path / "w" / "kfp_outputs"
-    prefs = list(root.rglob("preference_maps.safetensors"))
-    assert prefs and load_file(str(prefs[0]))["pairs"].shape == (2, 2)  # the label task's model-made maps
-    evals = list(root.rglob("evaluation/metrics.json"))
-    assert evals and "pref_accuracy" in json.loads(evals[0].read_text())
-
-    import mlflow
-    from mlflow import MlflowClient
-
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'w' / 'mlflow' / 'mlflow.db'}")
-    client = MlflowClient()
-    mv = client.get_latest_versions("pxpo-pref")[0] if not hasattr(client, "search_model_versions") else client.search_model_versions("name='pxpo-pref'")[0]
-    logged = set(client.get_run(mv.run_id).data.metrics)
-    assert {"train.pref_accuracy", "pref_accuracy"} <= logged, sorted(logged)
